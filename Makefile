@@ -1,0 +1,42 @@
+# bloomray: `make demo` and `make test` are all a user needs (each sets up .venv if missing).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch is installed first and explicitly: a bare `torch` can pull a multi-GB CUDA build on
+# a CPU box. On a GPU box choose the CUDA build, e.g. make setup TORCH="torch==2.13.0 --index-url <your CUDA wheel index>"
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.bloomray-installed
+export DS_ACCELERATOR ?= cpu
+
+.PHONY: setup demo test test-unit bench lint format clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+demo: setup
+	$(BIN)/bloomray demo
+
+test: setup
+	$(BIN)/python -m pytest -q -ra tests
+
+test-unit: setup
+	$(BIN)/python -m pytest -q -ra tests/unit
+
+bench: setup
+	$(BIN)/python benchmarks/train_throughput.py
+
+lint: setup
+	$(BIN)/ruff check platform tests jobs serve benchmarks
+	$(BIN)/ruff format --check platform tests jobs serve benchmarks
+
+format: setup
+	$(BIN)/ruff format platform tests jobs serve benchmarks
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

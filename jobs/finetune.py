@@ -1,0 +1,14 @@
+"""Fine-tune BLOOM (sequence classification or causal LM) on Ray Train + DeepSpeed.
+
+On a cluster:
+    ray job submit --working-dir . -- python jobs/finetune.py --config jobs/configs/classify-tiny-cpu.yaml --output /mnt/shared/runs/cls --set data.path=/mnt/shared/data/reviews.csv
+Locally (starts a local Ray):
+    python jobs/finetune.py --config jobs/configs/classify-tiny-cpu.yaml --output outputs/cls --set data.path=reviews.csv
+"""
+
+import sys
+
+from bloomray.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["finetune", *sys.argv[1:]]))

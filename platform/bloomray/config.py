@@ -1,0 +1,285 @@
+"""Typed run configuration: YAML presets, ``--set key.sub=value`` overrides, validation.
+
+All checks live here so the CLI, the job scripts and the tests agree. Every error is a
+:class:`ConfigError` that names the key, what was wrong and what is allowed, and it is
+raised before Ray starts.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PRESET_DIR = Path(__file__).resolve().parents[2] / "jobs" / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the person who wrote the config."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors (a typo must never be silently ignored). YAML and --set parse
+    # `labels: [0, 1]` or `output.dir=2024` as numbers; string fields take them as text.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
+
+
+class LoraConfig(_Section):
+    enabled: bool = False
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = ["query_key_value"]
+
+
+class ModelConfig(_Section):
+    preset: Literal["tiny", "small", "bloom-560m", "bloom-1b7", "bloom-7b1"] = "tiny"
+    path: str | None = None  # local HF dir (or hub name) for from_pretrained; overrides preset
+    num_labels: int | None = Field(None, ge=2)  # classification; default: from the data
+    activation_checkpointing: bool = False
+    lora: LoraConfig = LoraConfig()
+
+
+class TokenizerConfig(_Section):
+    path: str | None = None  # HF tokenizer dir; None = train byte-level BPE on the corpus
+    vocab_size: int = Field(4096, ge=260)
+    min_frequency: int = Field(2, ge=1)
+
+
+class DataConfig(_Section):
+    path: str | None = None  # file, folder, saved HF dataset dir or hub name; None = embedded
+    eval_path: str | None = None  # separate eval file; None = hold out eval_fraction
+    text_column: str = "text"
+    label_column: str = "label"
+    labels: list[str] | None = None  # classification label names, in id order
+    block_size: int = Field(128, ge=8)
+    eval_fraction: float = Field(0.05, gt=0.0, lt=1.0)
+    max_documents: int | None = Field(None, ge=1)
+    bad_rows: Literal["skip", "fail"] = "skip"
+    seed: int = 0
+    tokenizer: TokenizerConfig = TokenizerConfig()
+
+
+class TrainConfig(_Section):
+    max_steps: int | None = Field(None, ge=1)
+    epochs: float | None = Field(None, gt=0)
+    global_batch_size: int = Field(16, ge=1)
+    micro_batch_size: int = Field(4, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = Field(0, ge=0)
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    grad_clip: float = Field(1.0, ge=0.0)  # 0 disables clipping
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(50, ge=1)
+    eval_max_batches: int | None = Field(None, ge=1)
+    checkpoint_every: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(2, ge=0)
+    seed: int = 0
+
+
+class DeepSpeedConfig(_Section):
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    optimizer: Literal["adamw", "cpu_adam", "fused_adam"] = "adamw"
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+
+class ScalingConfig(_Section):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    worker_start_timeout_s: float = Field(120.0, gt=0.0)
+    peak_tflops: float | None = Field(None, gt=0.0)  # per worker; None = measure at start
+
+
+class OutputConfig(_Section):
+    dir: str = "outputs/run"
+    storage_path: str | None = None  # where checkpoints go; None = OUTPUT/ (use shared storage on a cluster)
+    mlflow_tracking_uri: str | None = None  # None = local file store under OUTPUT/logs/mlruns
+    tensorboard: bool = True
+    export: bool = True
+
+
+class RayConfig(_Section):
+    address: str | None = None  # None = start a local Ray (or join RAY_ADDRESS)
+    num_cpus: int | None = Field(None, ge=1)  # logical CPUs for a local Ray
+
+
+class Config(_Section):
+    task: Literal["causal_lm", "classification"] = "causal_lm"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    output: OutputConfig = OutputConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> Config:
+        check_combinations(self)
+        return self
+
+    @property
+    def grad_accum_steps(self) -> int:
+        t, s = self.train, self.scaling
+        return t.global_batch_size // (t.micro_batch_size * s.num_workers)
+
+
+def check_combinations(cfg: Config) -> None:
+    """Reject settings that are each valid but cannot work together.
+
+    Raises:
+        ValueError: naming the keys involved and a setting that works.
+    """
+    t, ds, s = cfg.train, cfg.deepspeed, cfg.scaling
+    per_step = t.micro_batch_size * s.num_workers
+    if t.global_batch_size % per_step:
+        raise ValueError(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by "
+            f"train.micro_batch_size * scaling.num_workers = {t.micro_batch_size} * "
+            f"{s.num_workers} = {per_step}; pick a multiple of {per_step}"
+        )
+    if t.max_steps is None and t.epochs is None:
+        raise ValueError("set train.max_steps or train.epochs")
+    if ds.precision == "fp16" and not s.use_gpu:
+        raise ValueError(
+            "deepspeed.precision=fp16 needs a GPU (scaling.use_gpu=true); on CPU use bf16 or fp32"
+        )
+    if ds.optimizer == "fused_adam" and not s.use_gpu:
+        raise ValueError("deepspeed.optimizer=fused_adam needs a GPU; on CPU use adamw")
+    if (ds.offload_optimizer or ds.offload_params) and ds.optimizer != "cpu_adam":
+        raise ValueError(
+            "ZeRO-Offload (deepspeed.offload_optimizer/offload_params) runs the optimizer on "
+            "the CPU and needs deepspeed.optimizer=cpu_adam (DeepSpeedCPUAdam); "
+            f"got deepspeed.optimizer={ds.optimizer}"
+        )
+    if ds.offload_params and ds.zero_stage != 3:
+        raise ValueError("deepspeed.offload_params needs deepspeed.zero_stage=3")
+    if ds.offload_optimizer and ds.zero_stage == 0:
+        raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage 1, 2 or 3")
+    if cfg.model.lora.enabled and cfg.model.path is None:
+        raise ValueError(
+            "model.lora.enabled=true trains adapters on a pretrained model: set model.path "
+            "to a model directory (LoRA on random weights learns nothing useful)"
+        )
+    if cfg.data.labels is not None and len(set(cfg.data.labels)) != len(cfg.data.labels):
+        raise ValueError(f"data.labels has duplicates: {cfg.data.labels}")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML preset (a path or a preset name from jobs/configs) and apply overrides.
+
+    Args:
+        path: YAML file, or the stem of a preset in ``jobs/configs`` (``tiny-cpu``).
+            None starts from the defaults.
+        overrides: ``key.sub=value`` strings; values are parsed as YAML scalars/lists.
+
+    Returns:
+        The validated config.
+
+    Raises:
+        ConfigError: missing file, bad YAML, unknown key, wrong type or bad combination.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_yaml(resolve_preset(path))
+    for item in overrides or []:
+        apply_override(raw, item)
+    return config_from_dict(raw)
+
+
+def resolve_preset(path: str | Path) -> Path:
+    """Return the YAML file for a path or a preset name; ConfigError if there is none."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    candidate = PRESET_DIR / f"{p.name.removesuffix('.yaml')}.yaml"
+    if candidate.is_file():
+        return candidate
+    presets = ", ".join(sorted(x.stem for x in PRESET_DIR.glob("*.yaml")))
+    raise ConfigError(f"config file not found: {path}. Give a YAML path or a preset: {presets}")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections (train:, model:, ...)")
+    return data
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one ``a.b.c=value`` override to a nested dict in place."""
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.lr=3e-4)")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = parsed
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Validate a nested dict into a Config, translating pydantic errors into ConfigError."""
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc)) from None
+
+
+def _explain(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            lines.append(_unknown_key_message(err["loc"]))
+        elif not loc:  # a model-level check (check_combinations)
+            lines.append(err["msg"].removeprefix("Value error, "))
+        else:
+            lines.append(f"{loc}: {err['msg']} (got {err.get('input')!r})")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _unknown_key_message(loc: tuple[Any, ...]) -> str:
+    section: type[BaseModel] = Config
+    for part in loc[:-1]:
+        field = section.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type):
+            break
+        if issubclass(field.annotation, BaseModel):
+            section = field.annotation
+    allowed = list(section.model_fields)
+    key = ".".join(str(p) for p in loc)
+    hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+    guess = f" Did you mean '{'.'.join([*map(str, loc[:-1]), hint[0]])}'?" if hint else ""
+    return f"unknown config key '{key}'.{guess} Allowed here: {', '.join(allowed)}"
+
+
+def dump_config(cfg: Config, path: Path) -> None:
+    """Write the resolved config as YAML (what a resume reloads)."""
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

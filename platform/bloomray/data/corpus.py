@@ -1,0 +1,194 @@
+"""Read documents (and labelled rows) from local files, HF datasets or the embedded corpus.
+
+Supported: ``.txt`` (blank-line separated paragraphs), ``.jsonl``, ``.csv``, ``.tsv``,
+``.parquet``, a folder of those, a dataset saved with ``datasets.save_to_disk``, or a hub
+dataset name (needs network). ``None`` means the embedded default: Python's bundled
+documentation text, present on every CPython, so a first run needs no files.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".tsv", ".parquet")
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class DataError(ValueError):
+    """A data problem, with the file/row and the fix in the message."""
+
+
+@dataclass
+class Rows:
+    """Rows read from a source: dicts of column -> value, plus bad-row bookkeeping."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    bad: int = 0
+    bad_examples: list[str] = field(default_factory=list)
+
+    def reject(self, where: str, why: str, policy: str) -> None:
+        """Count a malformed row, or raise when the policy is ``fail``."""
+        if policy == "fail":
+            raise DataError(f"{where}: {why} (set data.bad_rows=skip to skip such rows)")
+        self.bad += 1
+        if len(self.bad_examples) < 5:
+            self.bad_examples.append(f"{where}: {why}")
+
+
+def embedded_documents() -> list[str]:
+    """The default corpus: pydoc's topic texts (~465k characters of English)."""
+    from pydoc_data.topics import topics
+
+    return [topics[k].strip() for k in sorted(topics) if topics[k].strip()]
+
+
+def read_rows(source: str, text_column: str, bad_rows: str = "skip") -> Rows:
+    """Read rows from a file, folder, saved dataset or hub name.
+
+    Args:
+        source: path or dataset name.
+        text_column: column holding the text (ignored for ``.txt``, whose rows are paragraphs).
+        bad_rows: ``skip`` counts malformed rows, ``fail`` raises on the first.
+
+    Raises:
+        DataError: missing path, unsupported format, unreadable row (with ``fail``).
+    """
+    path = Path(source).expanduser()
+    if path.is_dir() and _is_saved_dataset(path):
+        return _rows_from_hf(_load_saved_dataset(path), text_column, str(path), bad_rows)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file())
+        if not files:
+            raise DataError(f"{path} holds no data files ({', '.join(SUFFIXES)})")
+        out = Rows()
+        for f in files:
+            part = _read_file(f, text_column, bad_rows)
+            out.rows += part.rows
+            out.bad += part.bad
+            out.bad_examples += part.bad_examples[: 5 - len(out.bad_examples)]
+        return out
+    if path.is_file():
+        return _read_file(path, text_column, bad_rows)
+    if _HUB_NAME.match(source) and not source.endswith(SUFFIXES):
+        return _rows_from_hf(_load_hub_dataset(source), text_column, source, bad_rows)
+    raise DataError(
+        f"data path not found: {source}. Give a file ({', '.join(SUFFIXES)}), a folder of "
+        "them, a saved HF dataset dir, or leave data.path unset for the embedded corpus"
+    )
+
+
+def _read_file(path: Path, text_column: str, bad_rows: str) -> Rows:
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        text = path.read_text(encoding="utf-8", errors="replace")
+        return Rows(rows=[{text_column: p.strip()} for p in re.split(r"\n\s*\n", text) if p.strip()])
+    if suffix in (".jsonl", ".json"):
+        return _read_jsonl(path, bad_rows)
+    if suffix in (".csv", ".tsv"):
+        return _read_csv(path, "\t" if suffix == ".tsv" else ",", text_column, bad_rows)
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return Rows(rows=pq.read_table(path).to_pylist())
+    raise DataError(f"unsupported data file {path}; use one of {', '.join(SUFFIXES)}")
+
+
+def _read_jsonl(path: Path, bad_rows: str) -> Rows:
+    out = Rows()
+    with path.open(encoding="utf-8", errors="replace") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                out.reject(f"{path}:{lineno}", f"not valid JSON ({exc.msg})", bad_rows)
+                continue
+            if not isinstance(row, dict):
+                out.reject(f"{path}:{lineno}", "a JSON line must be an object", bad_rows)
+                continue
+            out.rows.append(row)
+    return out
+
+
+def _read_csv(path: Path, delimiter: str, text_column: str, bad_rows: str) -> Rows:
+    out = Rows()
+    with path.open(encoding="utf-8", errors="replace", newline="") as fh:
+        reader = csv.DictReader(fh, delimiter=delimiter, quoting=csv.QUOTE_MINIMAL)
+        if reader.fieldnames is None or text_column not in reader.fieldnames:
+            raise DataError(
+                f"{path} has no column {text_column!r} (columns: {reader.fieldnames}); "
+                "set data.text_column"
+            )
+        for lineno, row in enumerate(reader, 2):
+            if None in row or any(v is None for v in row.values()):
+                out.reject(f"{path}:{lineno}", "wrong number of fields", bad_rows)
+                continue
+            out.rows.append(row)
+    return out
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
+
+
+def _load_saved_dataset(path: Path) -> Any:
+    import datasets
+
+    ds = datasets.load_from_disk(str(path))
+    return ds["train"] if isinstance(ds, datasets.DatasetDict) else ds
+
+
+def _load_hub_dataset(name: str) -> Any:
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, split="train")
+    except Exception as exc:  # noqa: BLE001 - any hub failure gets the same advice
+        raise DataError(
+            f"could not load dataset {name!r} from the Hugging Face hub ({type(exc).__name__}: "
+            f"{str(exc)[:200]}). Without network, download it elsewhere, then point data.path "
+            "at a local file or a dataset saved with save_to_disk"
+        ) from None
+
+
+def _rows_from_hf(ds: Any, text_column: str, where: str, bad_rows: str) -> Rows:
+    if text_column not in ds.column_names:
+        raise DataError(
+            f"{where} has no column {text_column!r} (columns: {ds.column_names}); set data.text_column"
+        )
+    return Rows(rows=list(_iter_hf(ds)))
+
+
+def _iter_hf(ds: Any) -> Iterator[dict[str, Any]]:
+    yield from ds
+
+
+def read_documents(source: str | None, text_column: str = "text", bad_rows: str = "skip") -> tuple[list[str], Rows]:
+    """Documents for language modelling: the text column of every good row.
+
+    Returns:
+        (documents, rows) where rows carries the bad-row count and examples.
+    """
+    if source is None:
+        return embedded_documents(), Rows()
+    rows = read_rows(source, text_column, bad_rows)
+    docs: list[str] = []
+    good: list[dict[str, Any]] = []
+    for i, row in enumerate(rows.rows):
+        text = row.get(text_column)
+        if not isinstance(text, str) or not text.strip():
+            rows.reject(f"{source} row {i}", f"missing or empty {text_column!r}", bad_rows)
+            continue
+        docs.append(text)
+        good.append(row)
+    rows.rows = good
+    if not docs:
+        raise DataError(f"{source} yielded no documents with text in column {text_column!r}")
+    return docs, rows

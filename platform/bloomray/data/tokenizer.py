@@ -1,0 +1,66 @@
+"""Tokenizers: load an HF tokenizer dir, or train a byte-level BPE on the corpus.
+
+A trained tokenizer is saved as a fast tokenizer (``tokenizer.json``) with BLOOM's special
+token layout (``<unk>``=0, ``<s>``=1, ``</s>``=2, ``<pad>``=3), so the export and the
+server reload it with ``AutoTokenizer.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
+
+
+class TokenizerError(ValueError):
+    """The tokenizer could not be loaded; the message says what to pass instead."""
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    """Load a tokenizer from a local dir (or a hub name when online).
+
+    Raises:
+        TokenizerError: the dir has no tokenizer, or a hub name cannot be reached.
+    """
+    local = Path(path).expanduser()
+    try:
+        tok = AutoTokenizer.from_pretrained(str(local) if local.exists() else path)
+    except (OSError, ValueError) as exc:
+        where = "directory" if local.exists() else "hub name"
+        raise TokenizerError(
+            f"could not load a tokenizer from {where} {path!r} ({str(exc)[:200]}). Pass a local "
+            "directory holding tokenizer.json (a saved HF tokenizer), or leave "
+            "data.tokenizer.path unset to train one on the corpus"
+        ) from None
+    if tok.pad_token is None:
+        # BLOOM tokenizers define <pad>; others (GPT-2 style) reuse EOS for padding.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer (every byte representable; no <unk> in practice)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        padding_side="left",  # generation pads on the left; training packs, so never pads
+    )

@@ -1,0 +1,108 @@
+"""Build BLOOM models: from a preset shape (random, seeded) or from a pretrained dir."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    BloomConfig,
+    PreTrainedModel,
+)
+
+# Real BLOOM shapes (bigscience model cards) plus tiny ones for CPU runs and tests.
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny": {"hidden_size": 64, "n_layer": 2, "n_head": 4},
+    "small": {"hidden_size": 256, "n_layer": 4, "n_head": 8},
+    "bloom-560m": {"hidden_size": 1024, "n_layer": 24, "n_head": 16},
+    "bloom-1b7": {"hidden_size": 2048, "n_layer": 24, "n_head": 16},
+    "bloom-7b1": {"hidden_size": 4096, "n_layer": 30, "n_head": 32},
+}
+
+
+class ModelLoadError(OSError):
+    """A model could not be loaded; the message says what to pass instead."""
+
+
+def preset_config(preset: str, vocab_size: int, **extra: Any) -> BloomConfig:
+    """A BloomConfig of a preset shape with the tokenizer's vocabulary and special ids."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return BloomConfig(vocab_size=vocab_size, **PRESETS[preset], **extra)
+
+
+def model_class(task: str) -> type:
+    """The Auto class for a task."""
+    return AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+
+
+def build_from_config(task: str, config: BloomConfig, seed: int) -> PreTrainedModel:
+    """Random-init model of ``config``; the same seed gives the same weights on every rank."""
+    torch.manual_seed(seed)
+    return model_class(task).from_config(config)
+
+
+def load_pretrained(task: str, path: str, **kwargs: Any) -> PreTrainedModel:
+    """``from_pretrained`` on a local dir or hub name, with a clear error when offline.
+
+    Raises:
+        ModelLoadError: the dir has no model, or the hub cannot be reached.
+    """
+    local = Path(path).expanduser()
+    source = str(local) if local.exists() else path
+    try:
+        return model_class(task).from_pretrained(source, **kwargs)
+    except OSError as exc:
+        if local.exists():
+            raise ModelLoadError(f"{path} is not a loadable model directory ({str(exc)[:200]})") from None
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise ModelLoadError(
+            f"could not load model {path!r} from the Hugging Face hub"
+            f"{' (HF_HUB_OFFLINE=1)' if offline else ' (no network?)'}. Download it where you "
+            "have network (huggingface-cli download NAME --local-dir DIR) and set model.path=DIR"
+        ) from None
+
+
+def resolve_model_config(
+    task: str,
+    preset: str,
+    path: str | None,
+    tokenizer: Any,
+    id2label: dict[int, str] | None = None,
+) -> dict[str, Any]:
+    """The model config (as a dict) that every worker builds from.
+
+    For a pretrained path the stored config is used; the vocabulary must fit the tokenizer.
+    """
+    ids = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    labels: dict[str, Any] = {}
+    if id2label:
+        labels = {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
+    if path is None:
+        return preset_config(preset, vocab_size=len(tokenizer), **ids, **labels).to_dict()
+    local = Path(path).expanduser()
+    try:
+        config = BloomConfig.from_pretrained(str(local) if local.exists() else path)
+    except OSError:
+        load_pretrained(task, path)  # raises the explained error
+        raise
+    if config.vocab_size < len(tokenizer):
+        raise ModelLoadError(
+            f"model {path} has vocab_size={config.vocab_size} but the tokenizer has {len(tokenizer)} "
+            "tokens; use the model's own tokenizer (leave data.tokenizer.path unset)"
+        )
+    config.update({"pad_token_id": config.pad_token_id if config.pad_token_id is not None else ids["pad_token_id"], **labels})
+    return config.to_dict()
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Number of distinct parameters (tied weights counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

@@ -1,0 +1,40 @@
+"""Connecting to Ray: a local instance on one box, or an existing cluster by address."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ray
+
+
+def worker_env(use_gpu: bool) -> dict[str, str]:
+    """Env vars every training worker needs (DeepSpeed picks its accelerator from it)."""
+    return {
+        "DS_ACCELERATOR": "cuda" if use_gpu else "cpu",
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: Any) -> None:
+    """Join the configured cluster, or start a local Ray; no-op if already connected.
+
+    ``address`` (or ``RAY_ADDRESS``) joins a cluster; token auth stays on, so the client
+    needs the cluster's token (``RAY_AUTH_TOKEN`` or ``~/.ray/auth_token``).
+    ``num_cpus`` oversubscribes a small box so trainer, trials and workers all fit.
+    """
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), **kwargs)
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

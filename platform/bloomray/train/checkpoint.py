@@ -1,0 +1,83 @@
+"""DeepSpeed checkpoints through Ray Train: every rank saves its shard, Ray merges them.
+
+A checkpoint directory is self-contained: DeepSpeed's files (tag ``ds``), ``bloomray.json``
+(step, task, model config, final metrics) and the tokenizer, so export needs nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import torch
+
+DS_TAG = "ds"
+META_FILE = "bloomray.json"
+PROBE_FILE = "probe.pt"
+TOKENIZER_DIR = "tokenizer"
+
+
+def save_and_report(
+    engine: Any,
+    step: int,
+    metrics: dict[str, Any],
+    meta: dict[str, Any] | None,
+    tokenizer_files: dict[str, bytes] | None,
+    probe: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Save this rank's shard and report it; every rank must call this at the same steps.
+
+    Args:
+        meta, tokenizer_files, probe: written by rank 0 only (pass None elsewhere).
+    """
+    with tempfile.TemporaryDirectory(prefix="bloomray-ckpt-") as tmp:
+        engine.save_checkpoint(tmp, tag=DS_TAG, client_state={"step": step})
+        if meta is not None:
+            (Path(tmp) / META_FILE).write_text(json.dumps({**meta, "step": step, "metrics": metrics}, indent=2))
+        if tokenizer_files:
+            tdir = Path(tmp) / TOKENIZER_DIR
+            tdir.mkdir()
+            for name, blob in tokenizer_files.items():
+                (tdir / name).write_bytes(blob)
+        if probe is not None:
+            torch.save(probe, Path(tmp) / PROBE_FILE)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def restore_latest(engine: Any) -> tuple[int, list[int]]:
+    """Load the latest reported checkpoint into ``engine``.
+
+    Returns:
+        (step, restarts): the checkpoint's step (0 if none) and the steps every restart so
+        far resumed from, this one included.
+    """
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return 0, []
+    with ckpt.as_directory() as d:
+        _, client_state = engine.load_checkpoint(d, tag=DS_TAG)
+        meta_path = Path(d) / META_FILE
+        previous = json.loads(meta_path.read_text()).get("restarts", []) if meta_path.exists() else []
+    if client_state is None:
+        raise RuntimeError(f"checkpoint {ckpt.path} could not be loaded by DeepSpeed")
+    step = int(client_state["step"])
+    return step, [*previous, step]
+
+
+def read_meta(checkpoint_dir: str | Path) -> dict[str, Any]:
+    """``bloomray.json`` of a checkpoint dir; FileNotFoundError names what is expected."""
+    path = Path(checkpoint_dir) / META_FILE
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{checkpoint_dir} is not a bloomray checkpoint (no {META_FILE}); pass a "
+            "OUTPUT/checkpoints/checkpoint_* directory"
+        )
+    return json.loads(path.read_text())
+
+
+def read_tokenizer_files(tokenizer_dir: Path) -> dict[str, bytes]:
+    """The tokenizer dir as bytes, so it travels to workers on any node."""
+    return {p.name: p.read_bytes() for p in tokenizer_dir.iterdir() if p.is_file()}

@@ -1,0 +1,218 @@
+"""The per-worker training loop that Ray Train runs on every rank.
+
+Read top to bottom: set up (engine, data, resume), then steps, each followed by hooks,
+logging, eval and checkpointing at the configured intervals.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Protocol
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from bloomray.config import config_from_dict
+from bloomray.train.batches import ShardedBatches, eval_batches
+from bloomray.train.checkpoint import restore_latest, save_and_report
+from bloomray.train.engine import build_engine, compute_dtype
+from bloomray.train.metrics import (
+    MetricSinks,
+    flops_per_token,
+    format_progress,
+    matmul_params,
+    measure_peak_flops,
+    peak_memory_mb,
+    perplexity,
+)
+
+
+class StepHook(Protocol):
+    """Something that runs after every optimizer step (pruning masks, for one)."""
+
+    def after_step(self, engine: Any, step: int) -> dict[str, float]: ...
+
+
+def build_hooks(cfg: Any, engine: Any, model: torch.nn.Module, total_steps: int) -> list[StepHook]:
+    """Hooks for this run; the extension point for pruning."""
+    return []
+
+
+def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
+    """Ray Train entry point. ``loop_cfg`` comes from ``run.build_loop_config``."""
+    cfg = config_from_dict(loop_cfg["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    data = ray.get(loop_cfg["data"])
+    total = loop_cfg["total_steps"]
+
+    engine, model = build_engine(cfg, loop_cfg["model_config"], total)
+    hooks = build_hooks(cfg, engine, model, total)
+    step, restarts = restore_latest(engine)
+    batches = ShardedBatches(data["train"], rank, world, cfg.train.micro_batch_size, cfg.train.seed)
+    evals = eval_batches(data["eval"], rank, world, cfg.train.micro_batch_size, cfg.train.eval_max_batches)
+    flops_tok, peak = _flop_budget(cfg, engine, model, loop_cfg, device)
+    sinks = _sinks(cfg, loop_cfg, rank, step)
+    is_rank0 = rank == 0
+    meta = {**loop_cfg["meta"], "restarts": restarts} if is_rank0 else None
+    tok_files = ray.get(loop_cfg["tokenizer"]) if is_rank0 else None
+    ga = cfg.grad_accum_steps
+    loss_sum, n_loss, tokens, t0 = 0.0, 0, 0, time.perf_counter()
+    metrics: dict[str, Any] = {}
+    if is_rank0 and step:
+        print(f"[bloomray] resumed from step {step}", flush=True)
+    if step == 0:  # the untrained baseline, so every run shows how far training moved it
+        initial = evaluate(engine, cfg.task, evals, device, loop_cfg.get("num_labels"))
+        if meta is not None:
+            meta["initial_eval"] = initial
+            print(f"[bloomray] step 0/{total} | eval {initial['eval_loss']:.4f} (untrained)", flush=True)
+
+    while step < total:
+        engine.train()
+        for a in range(ga):
+            batch = {k: v.to(device) for k, v in batches.get(step * ga + a).items()}
+            loss = _forward(engine, cfg.task, batch)
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.item()
+            n_loss += 1
+            tokens += batch["input_ids"].numel()
+        step += 1
+        extra: dict[str, float] = {}
+        for hook in hooks:
+            extra.update(hook.after_step(engine, step))
+
+        epoch_end = batches.epoch_of(step * ga) != batches.epoch_of(step * ga - 1)
+        do_eval = step % cfg.train.eval_every == 0 or step == total or (epoch_end and cfg.train.epochs)
+        do_ckpt = step % cfg.train.checkpoint_every == 0 or step == total
+        if not (do_eval or do_ckpt or step % cfg.train.log_every == 0):
+            continue
+        elapsed = time.perf_counter() - t0
+        metrics = _step_metrics(engine, step, loss_sum, n_loss, tokens, elapsed, flops_tok, peak, device)
+        metrics.update(extra)
+        metrics["epoch"] = step * ga / batches.per_epoch
+        if do_eval:
+            metrics.update(evaluate(engine, cfg.task, evals, device, loop_cfg.get("num_labels")))
+        if is_rank0:
+            print("[bloomray] " + format_progress(step, total, metrics), flush=True)
+            if sinks:
+                sinks.log(step, metrics)
+        if do_ckpt:
+            probe = _probe(engine, evals, device) if step == total else None
+            save_and_report(engine, step, metrics, meta, tok_files, probe if is_rank0 else None)
+        else:
+            ray.train.report(metrics)
+        loss_sum, n_loss, tokens, t0 = 0.0, 0, 0, time.perf_counter()
+    if sinks:
+        sinks.close()
+
+
+def _forward(engine: Any, task: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    if task == "classification":
+        return engine(**batch).loss
+    return engine(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+
+
+def _step_metrics(engine: Any, step: int, loss_sum: float, n_loss: int, tokens: int, elapsed: float,
+                  flops_tok: float, peak: float, device: torch.device) -> dict[str, Any]:
+    """Loss averaged over ranks, global tokens/s and MFU since the last report."""
+    t = torch.tensor([loss_sum, n_loss, tokens], dtype=torch.float64)
+    dist.all_reduce(t)
+    tok_s = t[2].item() / max(elapsed, 1e-9)
+    gnorm = engine.get_global_grad_norm()
+    return {
+        "step": step,
+        "train_loss": t[0].item() / max(t[1].item(), 1),
+        "tokens_per_s": tok_s,
+        "flops_per_s": tok_s * flops_tok,
+        "mfu": tok_s * flops_tok / peak,
+        "lr": float(engine.get_lr()[0]),
+        "grad_norm": float(gnorm) if gnorm is not None else None,
+        "peak_mem_mb": peak_memory_mb(device),
+    }
+
+
+@torch.no_grad()
+def evaluate(engine: Any, task: str, batches: list[dict[str, torch.Tensor]], device: torch.device,
+             num_labels: int | None) -> dict[str, float]:
+    """Eval loss/perplexity (LM) or loss/accuracy/macro-F1 (classification) over all ranks."""
+    engine.eval()
+    loss_sum = torch.zeros(2, dtype=torch.float64)
+    confusion = torch.zeros(num_labels or 1, num_labels or 1, dtype=torch.float64)
+    for b in batches:
+        b = {k: v.to(device) for k, v in b.items()}
+        out = engine(**b) if task == "classification" else engine(input_ids=b["input_ids"], labels=b["input_ids"])
+        n = b["input_ids"].shape[0]
+        loss_sum += torch.tensor([out.loss.float().item() * n, n], dtype=torch.float64)
+        if task == "classification":
+            pred = out.logits.argmax(-1).cpu()
+            for y, p in zip(b["labels"].cpu().tolist(), pred.tolist()):
+                confusion[y, p] += 1
+    dist.all_reduce(loss_sum)
+    engine.train()
+    eval_loss = (loss_sum[0] / loss_sum[1]).item()
+    if task != "classification":
+        return {"eval_loss": eval_loss, "eval_perplexity": perplexity(eval_loss)}
+    dist.all_reduce(confusion)
+    return {"eval_loss": eval_loss, **classification_scores(confusion.numpy())}
+
+
+def classification_scores(confusion: np.ndarray) -> dict[str, float]:
+    """Accuracy and macro-F1 from a confusion matrix (rows: truth, columns: prediction)."""
+    confusion = np.asarray(confusion, dtype=np.float64)  # integer counts: the divisions below write floats
+    tp = np.diag(confusion)
+    precision = np.divide(tp, confusion.sum(0), out=np.zeros_like(tp), where=confusion.sum(0) > 0)
+    recall = np.divide(tp, confusion.sum(1), out=np.zeros_like(tp), where=confusion.sum(1) > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp), where=(precision + recall) > 0)
+    present = confusion.sum(1) > 0
+    return {
+        "eval_accuracy": float(tp.sum() / max(confusion.sum(), 1)),
+        "eval_macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+    }
+
+
+@torch.no_grad()
+def _probe(engine: Any, evals: list[dict[str, torch.Tensor]], device: torch.device) -> dict[str, torch.Tensor]:
+    """Logits of the trained engine on a fixed eval batch: export checks it reproduces them."""
+    engine.eval()
+    batch = {k: v[:2] for k, v in evals[0].items() if k != "labels"}
+    logits = engine(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
+    engine.train()
+    return {**batch, "logits": logits}
+
+
+def _flop_budget(cfg: Any, engine: Any, model: torch.nn.Module, loop_cfg: dict[str, Any],
+                 device: torch.device) -> tuple[float, float]:
+    """(training FLOPs per token, summed peak FLOP/s of all workers)."""
+    mc = loop_cfg["model_config"]
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    n = matmul_params(model, mc["vocab_size"], mc["hidden_size"], lm_head=cfg.task == "causal_lm")
+    seq = cfg.data.block_size
+    fpt = flops_per_token(n, mc["n_layer"], mc["hidden_size"], seq, trainable / max(total, 1))
+    if cfg.scaling.peak_tflops:
+        peak = torch.tensor(cfg.scaling.peak_tflops * 1e12, dtype=torch.float64)
+    else:
+        dist.barrier()  # measure while every worker competes for the same cores, as in training
+        peak = torch.tensor(measure_peak_flops(compute_dtype(cfg), device), dtype=torch.float64)
+    dist.all_reduce(peak)
+    return fpt, peak.item()
+
+
+def _sinks(cfg: Any, loop_cfg: dict[str, Any], rank: int, step: int) -> MetricSinks | None:
+    if rank != 0:
+        return None
+    from pathlib import Path
+
+    return MetricSinks(
+        Path(loop_cfg["log_dir"]),
+        cfg.output.mlflow_tracking_uri,
+        cfg.output.tensorboard,
+        run_name=f"{loop_cfg['run_name']}-from-step-{step}",
+        params=loop_cfg["params"],
+    )

@@ -1,0 +1,174 @@
+"""Driver side of a training run: data, Ray Train trainer, summary and export.
+
+Output contract (``OUTPUT/``): ``summary.json``, ``model/`` (HF export), ``checkpoints/``
+(Ray Train run dir with DeepSpeed shards), ``logs/`` (TensorBoard, MLflow), ``tokenizer/``
+and ``config.yaml`` (the resolved config, which ``--resume`` reloads).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from bloomray.config import Config, ConfigError, dump_config, load_config
+from bloomray.data.prepare import PreparedData, prepare_data
+from bloomray.model.build import resolve_model_config
+from bloomray.raycluster import init_ray, worker_env
+from bloomray.train.batches import steps_per_epoch, total_steps
+from bloomray.train.checkpoint import read_meta, read_tokenizer_files
+from bloomray.train.loop import train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training failed after all retries; the message points at the logs."""
+
+
+def check_output_dir(out: Path, resume: bool) -> None:
+    """Refuse to mix two runs in one dir, and refuse to resume a run that is not there."""
+    has_run = (out / "config.yaml").exists()
+    if resume and not has_run:
+        raise ConfigError(f"--resume {out}: no run there (no config.yaml); start a new run with --output {out}")
+    if not resume and has_run:
+        raise ConfigError(f"{out} already holds a run; continue it with --resume {out}, or pick a new --output")
+
+
+def resume_config(out: Path, overrides: list[str] | None) -> Config:
+    """The saved config of the run in ``out``, with extra overrides (e.g. a larger max_steps)."""
+    return load_config(out / "config.yaml", overrides)
+
+
+def build_loop_config(cfg: Config, out: Path, data: PreparedData, tokenizer_dir: Path) -> dict[str, Any]:
+    """Everything a worker needs, with bulky parts as object refs (shared across nodes)."""
+    n_train = len(data.train["input_ids"])
+    per_epoch = steps_per_epoch(n_train, cfg.scaling.num_workers, cfg.train.micro_batch_size, cfg.grad_accum_steps)
+    total = total_steps(cfg.train.max_steps, cfg.train.epochs, per_epoch)
+    model_config = resolve_model_config(cfg.task, cfg.model.preset, cfg.model.path, data.tokenizer, data.id2label)
+    if len(data.eval["input_ids"]) < cfg.scaling.num_workers:
+        raise ConfigError(
+            f"{len(data.eval['input_ids'])} eval examples for {cfg.scaling.num_workers} workers; "
+            "raise data.eval_fraction or give data.eval_path"
+        )
+    meta = {
+        "task": cfg.task,
+        "model_config": model_config,
+        "lora": cfg.model.lora.model_dump() if cfg.model.lora.enabled else None,
+        "base_model": cfg.model.path,
+        "config": cfg.model_dump(mode="json"),
+        "data": data.stats,
+        "total_steps": total,
+    }
+    return {
+        "config": cfg.model_dump(mode="json"),
+        "data": ray.put({"train": data.train, "eval": data.eval}),
+        "tokenizer": ray.put(read_tokenizer_files(tokenizer_dir)),
+        "model_config": model_config,
+        "num_labels": len(data.id2label) if data.id2label else None,
+        "total_steps": total,
+        "meta": meta,
+        "log_dir": str(out / "logs"),
+        "run_name": out.name,
+        "params": _flat_params(cfg),
+    }
+
+
+def build_trainer(cfg: Config, out: Path, loop_config: dict[str, Any]) -> TorchTrainer:
+    """A TorchTrainer whose checkpoints live in ``OUTPUT/checkpoints`` (resumable by name).
+
+    With ``output.storage_path`` (shared or cloud storage on a cluster) they live in
+    ``storage_path/<output dir name>`` instead.
+    """
+    storage, name = (cfg.output.storage_path, out.name) if cfg.output.storage_path else (str(out), "checkpoints")
+    s = cfg.scaling
+    resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=s.num_workers,
+            use_gpu=s.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=s.placement_strategy,
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            worker_runtime_env={"env_vars": worker_env(s.use_gpu)},
+        ),
+    )
+
+
+def run_training(cfg: Config, output_dir: str | Path, resume: bool = False) -> dict[str, Any]:
+    """Train per ``cfg`` into ``output_dir``; return the summary (also in summary.json).
+
+    Raises:
+        ConfigError / DataError: bad settings or data, before any worker starts.
+        TrainingError: the run failed after ``train.max_failures`` retries.
+    """
+    out = Path(output_dir).expanduser().resolve()
+    check_output_dir(out, resume)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer_dir = out / "tokenizer"
+    data = prepare_data(cfg, tokenizer_dir)
+    dump_config(cfg, out / "config.yaml")
+    init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.scaling.worker_start_timeout_s)
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # else each progress line prints twice
+    loop_config = build_loop_config(cfg, out, data, tokenizer_dir)
+    trainer = build_trainer(cfg, out, loop_config)
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors in several types
+        raise TrainingError(f"training failed: {exc}\nlogs: {out / 'logs'} and the Ray worker logs") from exc
+    if result.checkpoint is None:
+        raise TrainingError(f"training finished without a checkpoint in {out / 'checkpoints'}")
+    return finish_run(out, result.checkpoint.path, cfg.output.export)
+
+
+def finish_run(out: Path, checkpoint_path: str, export: bool) -> dict[str, Any]:
+    """Write summary.json from the final checkpoint and export the model."""
+    from bloomray.model.export import export_checkpoint
+
+    meta = read_meta(checkpoint_path)
+    m = meta["metrics"]
+    summary = {
+        "task": meta["task"],
+        "steps": meta["step"],
+        "initial_eval_loss": meta.get("initial_eval", {}).get("eval_loss"),
+        "train_loss": m.get("train_loss"),
+        "eval_loss": m.get("eval_loss"),
+        **{k: m[k] for k in ("eval_perplexity", "eval_accuracy", "eval_macro_f1") if k in m},
+        "tokens_per_s": m.get("tokens_per_s"),
+        "mfu": m.get("mfu"),
+        "peak_mem_mb": m.get("peak_mem_mb"),
+        "checkpoint": checkpoint_path,
+        "restarts": meta.get("restarts", []),  # the step each recovery resumed from
+        "data": meta["data"],
+    }
+    if export:
+        info = export_checkpoint(checkpoint_path, out / "model", overwrite=True)
+        summary["model_dir"] = str(out / "model")
+        summary["export_max_abs_logit_diff"] = info.get("max_abs_logit_diff")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _flat_params(cfg: Config) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for section, values in cfg.model_dump(mode="json").items():
+        if isinstance(values, dict):
+            for k, v in values.items():
+                flat[f"{section}.{k}"] = v
+        else:
+            flat[section] = values
+    return flat

@@ -1,0 +1,43 @@
+"""Shared fixtures: one local Ray per test session, tiny data made on the fly.
+
+Tests never need the network or ../shared: HF_HUB_OFFLINE makes a hub name fail at once.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+
+import pytest  # noqa: E402
+
+# Logical CPUs for the shared test Ray: oversubscribed so a Tune driver, trials and two
+# train workers fit on a 2-core box.
+TEST_RAY_CPUS = 8
+
+
+def ensure_local_ray() -> None:
+    """Start the shared local Ray if it is not running (a multi-node test may stop it)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=TEST_RAY_CPUS, log_to_driver=True)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A running local Ray, shared by every test of the session (restarted if a test stopped it)."""
+    ensure_local_ray()
+    yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shutdown_ray_at_end():
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()

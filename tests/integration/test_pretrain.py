@@ -1,0 +1,113 @@
+"""Pretraining on real Ray (2 CPU workers) + DeepSpeed ZeRO-2 bf16, export and resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from bloomray.cli import main as cli_main
+from bloomray.config import load_config
+from bloomray.train.run import resume_config, run_training
+
+pytestmark = pytest.mark.integration
+
+TINY = [
+    "model.preset=tiny",
+    "train.max_steps=30",
+    "train.log_every=10",
+    "train.eval_every=30",
+    "train.checkpoint_every=15",
+    "train.lr=1e-2",
+    "data.tokenizer.vocab_size=1024",
+    "data.block_size=64",
+]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, ray_local):
+    out = tmp_path_factory.mktemp("pretrain") / "run"
+    summary = run_training(load_config("tiny-cpu", TINY), out)
+    return out, summary
+
+
+def test_output_contract(pretrained):
+    out, summary = pretrained
+    on_disk = json.loads((out / "summary.json").read_text())
+    for key in ("train_loss", "eval_loss", "eval_perplexity", "tokens_per_s", "steps"):
+        assert on_disk[key] is not None, key
+    assert on_disk["steps"] == 30
+    assert (out / "model" / "model.safetensors").exists()
+    assert (out / "model" / "tokenizer.json").exists()
+    assert list((out / "checkpoints").glob("checkpoint_*"))
+    assert list((out / "logs" / "tensorboard").rglob("events.out.tfevents.*"))
+    assert (out / "logs" / "mlflow.db").exists()
+    assert on_disk["tokens_per_s"] > 0 and 0 < on_disk["mfu"] < 1
+
+
+def test_loss_falls_on_embedded_corpus(pretrained):
+    _, summary = pretrained
+    uniform = torch.log(torch.tensor(float(summary["data"]["vocab_size"]))).item()
+    # A random init starts near log(vocab); training must move eval loss well below that.
+    assert abs(summary["initial_eval_loss"] - uniform) < 0.5
+    assert summary["eval_loss"] < summary["initial_eval_loss"] - 0.7, summary
+    assert summary["train_loss"] < summary["initial_eval_loss"] - 0.7
+
+
+def test_export_reloads_with_matching_logits(pretrained):
+    out, summary = pretrained
+    assert summary["export_max_abs_logit_diff"] is not None
+    assert summary["export_max_abs_logit_diff"] <= 1e-2
+    model = AutoModelForCausalLM.from_pretrained(str(out / "model"), dtype=torch.bfloat16).eval()
+    tok = AutoTokenizer.from_pretrained(str(out / "model"))
+    probe = torch.load(Path(summary["checkpoint"]) / "probe.pt")
+    with torch.no_grad():
+        logits = model(input_ids=probe["input_ids"]).logits.float()
+    assert torch.allclose(logits, probe["logits"], atol=1e-2)
+    ids = tok("The for statement", return_tensors="pt")
+    assert model.generate(**ids, max_new_tokens=5, do_sample=False).shape[1] == ids["input_ids"].shape[1] + 5
+    card = (out / "model" / "README.md").read_text()
+    assert "steps: 30" in card and "eval_loss" in card and "embedded:pydoc_data.topics" in card
+
+
+def test_cli_export_is_atomic_and_refuses_overwrite(pretrained, tmp_path, capsys):
+    _, summary = pretrained
+    target = tmp_path / "exported"
+    assert cli_main(["export", "--checkpoint", summary["checkpoint"], "--output", str(target)]) == 0
+    assert (target / "model.safetensors").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dir left
+    assert cli_main(["export", "--checkpoint", summary["checkpoint"], "--output", str(target)]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert cli_main(["export", "--checkpoint", str(tmp_path), "--output", str(tmp_path / "x")]) == 2
+    assert "not a bloomray checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_resume_continues_from_latest_checkpoint(pretrained, ray_local):
+    out, _ = pretrained
+    cfg = resume_config(out, ["train.max_steps=40"])
+    summary = run_training(cfg, out, resume=True)
+    assert summary["steps"] == 40
+    assert summary["restarts"] == [30]  # picked up the step-30 checkpoint, not step 0
+
+
+def test_new_output_dir_refuses_existing_run(pretrained):
+    out, _ = pretrained
+    from bloomray.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--resume"):
+        run_training(load_config("tiny-cpu", TINY), out)
+
+
+def test_plain_text_file_as_data(tmp_path, ray_local):
+    # What a new user tries first: point data.path at any text file.
+    text = tmp_path / "notes.txt"
+    text.write_text("\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog {i}." for i in range(400)))
+    cfg = load_config("tiny-cpu", [*TINY, f"data.path={text}", "train.max_steps=4", "train.checkpoint_every=4",
+                                   "train.eval_every=4", "output.export=false"])
+    summary = run_training(cfg, tmp_path / "run")
+    assert summary["data"]["source"] == str(text)
+    assert summary["steps"] == 4 and summary["eval_loss"] is not None
