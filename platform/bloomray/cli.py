@@ -23,14 +23,26 @@ EPILOG = """examples:
 
 
 def _add_run_args(p: argparse.ArgumentParser, default_config: str) -> None:
-    p.add_argument("--config", default=default_config,
-                   help=f"YAML file or preset name in jobs/configs (default: {default_config})")
+    p.add_argument(
+        "--config",
+        default=default_config,
+        help=f"YAML file or preset name in jobs/configs (default: {default_config})",
+    )
     p.add_argument("--output", help="output dir (default: output.dir of the config)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.lr=3e-4 (repeatable)")
-    p.add_argument("--resume", metavar="OUTPUT_DIR",
-                   help="continue the interrupted run in OUTPUT_DIR from its latest checkpoint "
-                        "(its saved config is used; --set still applies)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.lr=3e-4 (repeatable)",
+    )
+    p.add_argument(
+        "--resume",
+        metavar="OUTPUT_DIR",
+        help="continue the interrupted run in OUTPUT_DIR from its latest checkpoint "
+        "(its saved config is used; --set still applies)",
+    )
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
 
 
@@ -44,28 +56,40 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    p = sub.add_parser("pretrain", help="pretrain (or continue pretraining) a causal LM",
-                       description="Pretrain BLOOM, or continue pretraining from model.path on a domain corpus. "
-                                   "Writes OUTPUT/{summary.json,model/,checkpoints/,logs/}.")
+    p = sub.add_parser(
+        "pretrain",
+        help="pretrain (or continue pretraining) a causal LM",
+        description="Pretrain BLOOM, or continue pretraining from model.path on a domain corpus. "
+        "Writes OUTPUT/{summary.json,model/,checkpoints/,logs/}.",
+    )
     _add_run_args(p, "tiny-cpu")
     p.set_defaults(func=cmd_train, task="causal_lm")
 
-    p = sub.add_parser("finetune", help="fine-tune a classifier (or a causal LM) on labelled data",
-                       description="Fine-tune BLOOM for sequence classification (task=classification) "
-                                   "or causal LM; reports eval accuracy and macro-F1 each epoch.")
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune a classifier (or a causal LM) on labelled data",
+        description="Fine-tune BLOOM for sequence classification (task=classification) "
+        "or causal LM; reports eval accuracy and macro-F1 each epoch.",
+    )
     _add_run_args(p, "classify-tiny-cpu")
     p.set_defaults(func=cmd_train, task=None)
 
-    p = sub.add_parser("export", help="consolidate a DeepSpeed checkpoint into an HF model dir",
-                       description="Consolidate ZeRO shards into safetensors + config + tokenizer + model card. "
-                                   "Written to a temp dir and renamed, so a crash leaves nothing half-written.")
+    p = sub.add_parser(
+        "export",
+        help="consolidate a DeepSpeed checkpoint into an HF model dir",
+        description="Consolidate ZeRO shards into safetensors + config + tokenizer + model card. "
+        "Written to a temp dir and renamed, so a crash leaves nothing half-written.",
+    )
     p.add_argument("--checkpoint", required=True, help="an OUTPUT/checkpoints/checkpoint_* dir")
     p.add_argument("--output", required=True, help="target model dir (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("demo", help="the end-to-end demo on the embedded corpus (what `make demo` runs)",
-                       description="Pretrain a small BLOOM on the embedded corpus and print where everything went.")
+    p = sub.add_parser(
+        "demo",
+        help="the end-to-end demo on the embedded corpus (what `make demo` runs)",
+        description="Pretrain a small BLOOM on the embedded corpus and print where everything went.",
+    )
     p.add_argument("--output", default="outputs/demo", help="output dir (default: outputs/demo; replaced)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_demo)
@@ -85,8 +109,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, overrides)
         out = Path(args.output or cfg.output.dir)
     if args.task and cfg.task != args.task:
-        raise ConfigError(f"`bloomray {args.verb}` runs task={args.task}, but the config says task={cfg.task}; "
-                          "use `bloomray finetune` for classification")
+        raise ConfigError(
+            f"`bloomray {args.verb}` runs task={args.task}, but the config says task={cfg.task}; "
+            "use `bloomray finetune` for classification"
+        )
     summary = run_training(cfg, out, resume=bool(args.resume))
     print(json.dumps(summary, indent=2))
     return 0
@@ -109,8 +135,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     func: Callable[[argparse.Namespace], int] = args.func
     try:

@@ -21,9 +21,12 @@ def run_demo(output: Path, overrides: list[str] | None = None) -> dict:
         shutil.rmtree(output)
     cfg = load_config("tiny-cpu", overrides)
     start = time.time()
-    print(f"[demo] pretraining BLOOM ({cfg.model.preset}) on the embedded corpus with "
-          f"{cfg.scaling.num_workers} Ray Train workers, DeepSpeed ZeRO-{cfg.deepspeed.zero_stage} "
-          f"{cfg.deepspeed.precision}, {cfg.train.max_steps} steps ...", flush=True)
+    print(
+        f"[demo] pretraining BLOOM ({cfg.model.preset}) on the embedded corpus with "
+        f"{cfg.scaling.num_workers} Ray Train workers, DeepSpeed ZeRO-{cfg.deepspeed.zero_stage} "
+        f"{cfg.deepspeed.precision}, {cfg.train.max_steps} steps ...",
+        flush=True,
+    )
     summary = run_training(cfg, output / "pretrain")
     took = time.time() - start
     _generate_sample(Path(summary["model_dir"]))

@@ -105,9 +105,20 @@ def test_new_output_dir_refuses_existing_run(pretrained):
 def test_plain_text_file_as_data(tmp_path, ray_local):
     # What a new user tries first: point data.path at any text file.
     text = tmp_path / "notes.txt"
-    text.write_text("\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog {i}." for i in range(400)))
-    cfg = load_config("tiny-cpu", [*TINY, f"data.path={text}", "train.max_steps=4", "train.checkpoint_every=4",
-                                   "train.eval_every=4", "output.export=false"])
+    text.write_text(
+        "\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog {i}." for i in range(400))
+    )
+    cfg = load_config(
+        "tiny-cpu",
+        [
+            *TINY,
+            f"data.path={text}",
+            "train.max_steps=4",
+            "train.checkpoint_every=4",
+            "train.eval_every=4",
+            "output.export=false",
+        ],
+    )
     summary = run_training(cfg, tmp_path / "run")
     assert summary["data"]["source"] == str(text)
     assert summary["steps"] == 4 and summary["eval_loss"] is not None

@@ -123,8 +123,7 @@ def _read_csv(path: Path, delimiter: str, text_column: str, bad_rows: str) -> Ro
         reader = csv.DictReader(fh, delimiter=delimiter, quoting=csv.QUOTE_MINIMAL)
         if reader.fieldnames is None or text_column not in reader.fieldnames:
             raise DataError(
-                f"{path} has no column {text_column!r} (columns: {reader.fieldnames}); "
-                "set data.text_column"
+                f"{path} has no column {text_column!r} (columns: {reader.fieldnames}); set data.text_column"
             )
         for lineno, row in enumerate(reader, 2):
             if None in row or any(v is None for v in row.values()):
@@ -170,7 +169,9 @@ def _iter_hf(ds: Any) -> Iterator[dict[str, Any]]:
     yield from ds
 
 
-def read_documents(source: str | None, text_column: str = "text", bad_rows: str = "skip") -> tuple[list[str], Rows]:
+def read_documents(
+    source: str | None, text_column: str = "text", bad_rows: str = "skip"
+) -> tuple[list[str], Rows]:
     """Documents for language modelling: the text column of every good row.
 
     Returns:

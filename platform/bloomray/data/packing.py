@@ -6,7 +6,9 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 
-def tokenize_documents(tokenizer: PreTrainedTokenizerBase, docs: list[str], batch: int = 1000) -> list[list[int]]:
+def tokenize_documents(
+    tokenizer: PreTrainedTokenizerBase, docs: list[str], batch: int = 1000
+) -> list[list[int]]:
     """Token ids of each document, with EOS appended so packed documents stay separated."""
     eos = tokenizer.eos_token_id
     out: list[list[int]] = []

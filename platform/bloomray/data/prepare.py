@@ -76,7 +76,9 @@ def _prepare_causal(cfg: Config) -> PreparedData:
         eval_blocks = pack_blocks(tokenize_documents(tok, eval_docs), d.block_size)
     else:
         if len(blocks) < 2:
-            raise DataError(f"only {len(blocks)} block of {d.block_size} tokens: add text or lower data.block_size")
+            raise DataError(
+                f"only {len(blocks)} block of {d.block_size} tokens: add text or lower data.block_size"
+            )
         tr, ev = split_indices(len(blocks), d.eval_fraction, d.seed)
         train_blocks, eval_blocks = blocks[tr], blocks[ev]
     stats = {
@@ -95,7 +97,9 @@ def _prepare_causal(cfg: Config) -> PreparedData:
 def _prepare_classification(cfg: Config) -> PreparedData:
     d = cfg.data
     if d.path is None:
-        raise DataError("task=classification needs data.path: a CSV/TSV/JSONL file with text and label columns")
+        raise DataError(
+            "task=classification needs data.path: a CSV/TSV/JSONL file with text and label columns"
+        )
     rows = read_rows(d.path, d.text_column, d.bad_rows)
     names = list(d.labels) if d.labels else _infer_labels(rows, d.label_column)
     texts, labels = _labelled(rows, d.path, d.text_column, d.label_column, names, d.bad_rows)
@@ -133,7 +137,9 @@ def _infer_labels(rows: Rows, label_column: str) -> list[str]:
             f"column {label_column!r} has {len(values)} distinct labels; classification needs "
             "at least 2 (check data.label_column)"
         )
-    return sorted(values, key=lambda v: (not v.lstrip("-").isdigit(), int(v) if v.lstrip("-").isdigit() else 0, v))
+    return sorted(
+        values, key=lambda v: (not v.lstrip("-").isdigit(), int(v) if v.lstrip("-").isdigit() else 0, v)
+    )
 
 
 def _labelled(

@@ -56,9 +56,11 @@ def load_pretrained(task: str, path: str, **kwargs: Any) -> PreTrainedModel:
     source = str(local) if local.exists() else path
     try:
         return model_class(task).from_pretrained(source, **kwargs)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # a dir without a model config raises ValueError
         if local.exists():
             raise ModelLoadError(f"{path} is not a loadable model directory ({str(exc)[:200]})") from None
+        if not isinstance(exc, OSError):
+            raise
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         raise ModelLoadError(
             f"could not load model {path!r} from the Hugging Face hub"
@@ -99,7 +101,12 @@ def resolve_model_config(
             f"model {path} has vocab_size={config.vocab_size} but the tokenizer has {len(tokenizer)} "
             "tokens; use the model's own tokenizer (leave data.tokenizer.path unset)"
         )
-    config.update({"pad_token_id": config.pad_token_id if config.pad_token_id is not None else ids["pad_token_id"], **labels})
+    config.update(
+        {
+            "pad_token_id": config.pad_token_id if config.pad_token_id is not None else ids["pad_token_id"],
+            **labels,
+        }
+    )
     return config.to_dict()
 
 

@@ -56,7 +56,9 @@ def load_checkpoint_model(checkpoint_dir: str | Path) -> tuple[torch.nn.Module, 
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the embeddings
     if missing or unexpected:
-        raise ExportError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ExportError(
+            f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     if meta.get("lora"):
         model = model.merge_and_unload()
     model.tie_weights()
@@ -70,8 +72,13 @@ def _wrap_lora(model: torch.nn.Module, meta: dict[str, Any]) -> torch.nn.Module:
     task_type = TaskType.SEQ_CLS if meta["task"] == "classification" else TaskType.CAUSAL_LM
     return get_peft_model(
         model,
-        LoraConfig(task_type=task_type, r=lc["r"], lora_alpha=lc["alpha"], lora_dropout=lc["dropout"],
-                   target_modules=lc["target_modules"]),
+        LoraConfig(
+            task_type=task_type,
+            r=lc["r"],
+            lora_alpha=lc["alpha"],
+            lora_dropout=lc["dropout"],
+            target_modules=lc["target_modules"],
+        ),
     )
 
 
@@ -88,8 +95,9 @@ def check_probe(model_dir: Path, checkpoint_dir: Path, task: str, dtype: torch.d
     return float((logits - probe["logits"]).abs().max())
 
 
-def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, overwrite: bool = False,
-                      tolerance: float = 1e-2) -> dict[str, Any]:
+def export_checkpoint(
+    checkpoint_dir: str | Path, output_dir: str | Path, overwrite: bool = False, tolerance: float = 1e-2
+) -> dict[str, Any]:
     """Write ``output_dir`` as an HF model dir (safetensors, config, tokenizer, model card).
 
     Args:
@@ -117,7 +125,9 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, overwr
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
         diff = check_probe(tmp, ckpt, meta["task"], dtype)
         if diff is not None and diff > tolerance:
-            raise ExportError(f"exported model's logits differ from the trained engine's by {diff:.3g} (> {tolerance})")
+            raise ExportError(
+                f"exported model's logits differ from the trained engine's by {diff:.3g} (> {tolerance})"
+            )
         info = {
             "parameters": count_parameters(model),
             "size_on_disk_bytes": sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()),

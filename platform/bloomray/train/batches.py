@@ -79,7 +79,9 @@ def eval_batches(
     n = len(next(iter(arrays.values())))
     per_rank = n // world
     if per_rank == 0:
-        raise DataTooSmallError(f"{n} eval examples cannot be split over {world} workers; raise data.eval_fraction")
+        raise DataTooSmallError(
+            f"{n} eval examples cannot be split over {world} workers; raise data.eval_fraction"
+        )
     mine = np.arange(n)[rank::world][:per_rank]
     out = []
     for i in range(0, per_rank, micro_batch_size):

@@ -36,7 +36,9 @@ def save_and_report(
     with tempfile.TemporaryDirectory(prefix="bloomray-ckpt-") as tmp:
         engine.save_checkpoint(tmp, tag=DS_TAG, client_state={"step": step})
         if meta is not None:
-            (Path(tmp) / META_FILE).write_text(json.dumps({**meta, "step": step, "metrics": metrics}, indent=2))
+            (Path(tmp) / META_FILE).write_text(
+                json.dumps({**meta, "step": step, "metrics": metrics}, indent=2)
+            )
         if tokenizer_files:
             tdir = Path(tmp) / TOKENIZER_DIR
             tdir.mkdir()

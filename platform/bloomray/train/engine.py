@@ -67,7 +67,13 @@ def apply_lora(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
     task_type = TaskType.SEQ_CLS if cfg.task == "classification" else TaskType.CAUSAL_LM
     return get_peft_model(
         model,
-        LoraConfig(task_type=task_type, r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules),
+        LoraConfig(
+            task_type=task_type,
+            r=lc.r,
+            lora_alpha=lc.alpha,
+            lora_dropout=lc.dropout,
+            target_modules=lc.target_modules,
+        ),
     )
 
 
@@ -96,7 +102,9 @@ def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimize
 def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
     """Warmup then cosine/linear decay (or constant), from transformers' schedulers."""
     name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.train.lr_schedule]
-    return get_scheduler(name, optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=total_steps)
+    return get_scheduler(
+        name, optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=total_steps
+    )
 
 
 def build_engine(cfg: Config, model_config: dict[str, Any], total_steps: int) -> tuple[Any, torch.nn.Module]:

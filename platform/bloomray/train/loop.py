@@ -118,8 +118,17 @@ def _forward(engine: Any, task: str, batch: dict[str, torch.Tensor]) -> torch.Te
     return engine(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
 
 
-def _step_metrics(engine: Any, step: int, loss_sum: float, n_loss: int, tokens: int, elapsed: float,
-                  flops_tok: float, peak: float, device: torch.device) -> dict[str, Any]:
+def _step_metrics(
+    engine: Any,
+    step: int,
+    loss_sum: float,
+    n_loss: int,
+    tokens: int,
+    elapsed: float,
+    flops_tok: float,
+    peak: float,
+    device: torch.device,
+) -> dict[str, Any]:
     """Loss averaged over ranks, global tokens/s and MFU since the last report."""
     t = torch.tensor([loss_sum, n_loss, tokens], dtype=torch.float64)
     dist.all_reduce(t)
@@ -138,20 +147,29 @@ def _step_metrics(engine: Any, step: int, loss_sum: float, n_loss: int, tokens: 
 
 
 @torch.no_grad()
-def evaluate(engine: Any, task: str, batches: list[dict[str, torch.Tensor]], device: torch.device,
-             num_labels: int | None) -> dict[str, float]:
+def evaluate(
+    engine: Any,
+    task: str,
+    batches: list[dict[str, torch.Tensor]],
+    device: torch.device,
+    num_labels: int | None,
+) -> dict[str, float]:
     """Eval loss/perplexity (LM) or loss/accuracy/macro-F1 (classification) over all ranks."""
     engine.eval()
     loss_sum = torch.zeros(2, dtype=torch.float64)
     confusion = torch.zeros(num_labels or 1, num_labels or 1, dtype=torch.float64)
     for b in batches:
         b = {k: v.to(device) for k, v in b.items()}
-        out = engine(**b) if task == "classification" else engine(input_ids=b["input_ids"], labels=b["input_ids"])
+        out = (
+            engine(**b)
+            if task == "classification"
+            else engine(input_ids=b["input_ids"], labels=b["input_ids"])
+        )
         n = b["input_ids"].shape[0]
         loss_sum += torch.tensor([out.loss.float().item() * n, n], dtype=torch.float64)
         if task == "classification":
             pred = out.logits.argmax(-1).cpu()
-            for y, p in zip(b["labels"].cpu().tolist(), pred.tolist()):
+            for y, p in zip(b["labels"].cpu().tolist(), pred.tolist(), strict=True):
                 confusion[y, p] += 1
     dist.all_reduce(loss_sum)
     engine.train()
@@ -168,7 +186,9 @@ def classification_scores(confusion: np.ndarray) -> dict[str, float]:
     tp = np.diag(confusion)
     precision = np.divide(tp, confusion.sum(0), out=np.zeros_like(tp), where=confusion.sum(0) > 0)
     recall = np.divide(tp, confusion.sum(1), out=np.zeros_like(tp), where=confusion.sum(1) > 0)
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp), where=(precision + recall) > 0)
+    f1 = np.divide(
+        2 * precision * recall, precision + recall, out=np.zeros_like(tp), where=(precision + recall) > 0
+    )
     present = confusion.sum(1) > 0
     return {
         "eval_accuracy": float(tp.sum() / max(confusion.sum(), 1)),
@@ -177,7 +197,9 @@ def classification_scores(confusion: np.ndarray) -> dict[str, float]:
 
 
 @torch.no_grad()
-def _probe(engine: Any, evals: list[dict[str, torch.Tensor]], device: torch.device) -> dict[str, torch.Tensor]:
+def _probe(
+    engine: Any, evals: list[dict[str, torch.Tensor]], device: torch.device
+) -> dict[str, torch.Tensor]:
     """Logits of the trained engine on a fixed eval batch: export checks it reproduces them."""
     engine.eval()
     batch = {k: v[:2] for k, v in evals[0].items() if k != "labels"}
@@ -186,8 +208,9 @@ def _probe(engine: Any, evals: list[dict[str, torch.Tensor]], device: torch.devi
     return {**batch, "logits": logits}
 
 
-def _flop_budget(cfg: Any, engine: Any, model: torch.nn.Module, loop_cfg: dict[str, Any],
-                 device: torch.device) -> tuple[float, float]:
+def _flop_budget(
+    cfg: Any, engine: Any, model: torch.nn.Module, loop_cfg: dict[str, Any], device: torch.device
+) -> tuple[float, float]:
     """(training FLOPs per token, summed peak FLOP/s of all workers)."""
     mc = loop_cfg["model_config"]
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

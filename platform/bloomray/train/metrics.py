@@ -14,7 +14,9 @@ import torch
 log = logging.getLogger(__name__)
 
 
-def flops_per_token(n_matmul_params: int, n_layer: int, hidden: int, seq_len: int, trainable_ratio: float = 1.0) -> float:
+def flops_per_token(
+    n_matmul_params: int, n_layer: int, hidden: int, seq_len: int, trainable_ratio: float = 1.0
+) -> float:
     """Training FLOPs per token: forward 2N + backward 4N (PaLM appendix B), plus attention.
 
     ``n_matmul_params`` counts weights used in matmuls (the LM head included, embeddings
@@ -90,7 +92,14 @@ def format_progress(step: int, total: int, m: dict[str, Any]) -> str:
 class MetricSinks:
     """TensorBoard + MLflow on rank 0; both optional, neither allowed to kill training."""
 
-    def __init__(self, log_dir: Path, tracking_uri: str | None, tensorboard: bool, run_name: str, params: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        log_dir: Path,
+        tracking_uri: str | None,
+        tensorboard: bool,
+        run_name: str,
+        params: dict[str, Any],
+    ) -> None:
         self.tb = None
         self.mlflow = None
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -110,7 +119,9 @@ class MetricSinks:
             log.warning("MLflow disabled: %s", exc)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        scalars = {
+            k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)
+        }
         if self.tb is not None:
             for k, v in scalars.items():
                 self.tb.add_scalar(k, v, step)

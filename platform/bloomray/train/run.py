@@ -36,9 +36,13 @@ def check_output_dir(out: Path, resume: bool) -> None:
     """Refuse to mix two runs in one dir, and refuse to resume a run that is not there."""
     has_run = (out / "config.yaml").exists()
     if resume and not has_run:
-        raise ConfigError(f"--resume {out}: no run there (no config.yaml); start a new run with --output {out}")
+        raise ConfigError(
+            f"--resume {out}: no run there (no config.yaml); start a new run with --output {out}"
+        )
     if not resume and has_run:
-        raise ConfigError(f"{out} already holds a run; continue it with --resume {out}, or pick a new --output")
+        raise ConfigError(
+            f"{out} already holds a run; continue it with --resume {out}, or pick a new --output"
+        )
 
 
 def resume_config(out: Path, overrides: list[str] | None) -> Config:
@@ -49,9 +53,13 @@ def resume_config(out: Path, overrides: list[str] | None) -> Config:
 def build_loop_config(cfg: Config, out: Path, data: PreparedData, tokenizer_dir: Path) -> dict[str, Any]:
     """Everything a worker needs, with bulky parts as object refs (shared across nodes)."""
     n_train = len(data.train["input_ids"])
-    per_epoch = steps_per_epoch(n_train, cfg.scaling.num_workers, cfg.train.micro_batch_size, cfg.grad_accum_steps)
+    per_epoch = steps_per_epoch(
+        n_train, cfg.scaling.num_workers, cfg.train.micro_batch_size, cfg.grad_accum_steps
+    )
     total = total_steps(cfg.train.max_steps, cfg.train.epochs, per_epoch)
-    model_config = resolve_model_config(cfg.task, cfg.model.preset, cfg.model.path, data.tokenizer, data.id2label)
+    model_config = resolve_model_config(
+        cfg.task, cfg.model.preset, cfg.model.path, data.tokenizer, data.id2label
+    )
     if len(data.eval["input_ids"]) < cfg.scaling.num_workers:
         raise ConfigError(
             f"{len(data.eval['input_ids'])} eval examples for {cfg.scaling.num_workers} workers; "
@@ -86,7 +94,9 @@ def build_trainer(cfg: Config, out: Path, loop_config: dict[str, Any]) -> TorchT
     With ``output.storage_path`` (shared or cloud storage on a cluster) they live in
     ``storage_path/<output dir name>`` instead.
     """
-    storage, name = (cfg.output.storage_path, out.name) if cfg.output.storage_path else (str(out), "checkpoints")
+    storage, name = (
+        (cfg.output.storage_path, out.name) if cfg.output.storage_path else (str(out), "checkpoints")
+    )
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
     return TorchTrainer(

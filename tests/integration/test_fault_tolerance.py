@@ -1,0 +1,150 @@
+"""Recovery: a SIGKILLed worker, and a lost node of a two-node cluster with shared storage."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from bloomray.config import load_config
+from bloomray.train.run import run_training
+
+pytestmark = pytest.mark.integration
+
+FAST_CKPT = [
+    "model.preset=tiny",
+    "data.tokenizer.vocab_size=1024",
+    "data.block_size=64",
+    "train.max_steps=60",
+    "train.log_every=5",
+    "train.eval_every=60",
+    "train.eval_max_batches=2",
+    "train.checkpoint_every=5",
+    "train.keep_checkpoints=3",
+    "train.max_failures=2",
+    "output.export=false",
+]
+
+
+def _start(cfg: Any, out: Path) -> tuple[threading.Thread, dict[str, Any]]:
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["summary"] = run_training(cfg, out)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the test
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, box
+
+
+def _latest_checkpoint_step(ckpt_root: Path) -> int:
+    """Step of the newest checkpoint Ray has committed (registered in its manager snapshot).
+
+    A checkpoint dir on disk is not enough: Ray registers it when the controller next polls
+    the workers (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), and only registered ones resume.
+    """
+    try:
+        snapshot, _ = json.JSONDecoder().raw_decode(
+            (ckpt_root / "checkpoint_manager_snapshot.json").read_text()
+        )
+    except (OSError, ValueError):
+        return 0  # not written yet, or being rewritten right now
+    latest = snapshot.get("latest_checkpoint_result") or {}
+    return int((latest.get("metrics") or {}).get("step", 0))
+
+
+def _wait_for_checkpoint(ckpt_root: Path, box: dict[str, Any], min_step: int, timeout: float = 240) -> int:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if "error" in box or "summary" in box:
+            pytest.fail(f"run ended before the fault was injected: {box}")
+        step = _latest_checkpoint_step(ckpt_root)
+        if step >= min_step:
+            return step
+        time.sleep(0.2)
+    pytest.fail("no checkpoint appeared in time")
+
+
+def _train_worker_pids() -> list[int]:
+    """Train workers of the Ray this test started (its processes descend from this one)."""
+    pids = []
+    for proc in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            if " ".join(proc.cmdline()).startswith("ray::RayTrainWorker"):
+                pids.append(proc.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return pids
+
+
+def _finish(thread: threading.Thread, box: dict[str, Any], timeout: float = 400) -> dict[str, Any]:
+    thread.join(timeout)
+    assert not thread.is_alive(), "training did not finish after the fault"
+    if "error" in box:
+        raise box["error"]
+    return box["summary"]
+
+
+def test_sigkill_worker_resumes_from_last_checkpoint(tmp_path, ray_local):
+    cfg = load_config("tiny-cpu", FAST_CKPT)
+    out = tmp_path / "run"
+    thread, box = _start(cfg, out)
+    _wait_for_checkpoint(out / "checkpoints", box, min_step=10)
+    pids = _train_worker_pids()
+    assert len(pids) == 2, pids
+    os.kill(pids[-1], signal.SIGKILL)
+    saved_at_kill = _latest_checkpoint_step(out / "checkpoints")
+
+    summary = _finish(thread, box)
+    assert summary["steps"] == 60
+    assert len(summary["restarts"]) == 1
+    # Resumed from the newest checkpoint there was: at most one interval of steps lost.
+    assert summary["restarts"][0] >= saved_at_kill
+    assert summary["eval_loss"] is not None
+
+
+def test_two_node_cluster_recovers_from_node_loss(tmp_path):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()  # leave the shared local Ray; ray_local restarts it for later modules
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    worker_node = cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    shared = tmp_path / "shared-storage"  # what NFS/S3 is on a real cluster
+    try:
+        cfg = load_config(
+            "tiny-cpu", [*FAST_CKPT, "scaling.placement_strategy=SPREAD", f"output.storage_path={shared}"]
+        )
+        out = tmp_path / "run"
+        thread, box = _start(cfg, out)
+        ckpt_root = shared / out.name
+        _wait_for_checkpoint(ckpt_root, box, min_step=10)
+        nodes_used = {
+            node
+            for pg in ray.util.placement_group_table().values()
+            if pg["state"] == "CREATED"
+            for node in pg["bundles_to_node_id"].values()
+        }
+        assert len(nodes_used) == 2, "workers should span both nodes (each reads its data shard remotely)"
+        cluster.remove_node(worker_node)  # the node dies with its worker
+        saved_at_loss = _latest_checkpoint_step(ckpt_root)
+
+        summary = _finish(thread, box)
+        assert summary["steps"] == 60
+        assert summary["restarts"] and summary["restarts"][0] >= saved_at_loss
+        assert Path(summary["checkpoint"]).is_relative_to(shared)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

@@ -1,0 +1,239 @@
+"""The driver-side data step: corpus -> tokenizer -> train/eval arrays, for both tasks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bloomray.config import load_config
+from bloomray.data.corpus import DataError
+from bloomray.data.prepare import get_tokenizer, prepare_data
+from bloomray.data.tokenizer import load_tokenizer, train_tokenizer
+
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+
+
+def paragraphs(n: int) -> str:
+    return "\n\n".join(" ".join(WORDS[(i + j) % len(WORDS)] for j in range(12)) for i in range(n))
+
+
+def causal_cfg(path: Path | None, *extra: str):
+    over = [
+        "train.max_steps=2",
+        "data.block_size=16",
+        "data.eval_fraction=0.25",
+        "data.tokenizer.vocab_size=300",
+    ]
+    if path is not None:
+        over.append(f"data.path={path}")
+    return load_config(None, [*over, *extra])
+
+
+def cls_cfg(path: Path, *extra: str):
+    return load_config(
+        None,
+        [
+            "task=classification",
+            "train.max_steps=2",
+            f"data.path={path}",
+            "data.block_size=16",
+            "data.eval_fraction=0.25",
+            "data.tokenizer.vocab_size=300",
+            *extra,
+        ],
+    )
+
+
+def write_labelled(path: Path, rows: list[tuple[str, object]]) -> Path:
+    path.write_text("\n".join(json.dumps({"text": t, "label": lab}) for t, lab in rows) + "\n")
+    return path
+
+
+def test_causal_blocks_split_and_tokenizer_saved(tmp_path: Path):
+    f = tmp_path / "corpus.txt"
+    f.write_text(paragraphs(40))
+    tok_dir = tmp_path / "tok"
+    data = prepare_data(causal_cfg(f), tokenizer_dir=tok_dir)
+    tr, ev = data.train["input_ids"], data.eval["input_ids"]
+    assert tr.ndim == 2 and tr.shape[1] == 16 and ev.shape[1] == 16
+    assert len(tr) >= 3 and len(ev) >= 1
+    assert len(ev) == round((len(tr) + len(ev)) * 0.25)
+    assert tr.max() < len(data.tokenizer) and tr.min() >= 0
+    assert data.id2label is None
+    s = data.stats
+    assert s["documents"] == 40
+    assert s["train_blocks"] == len(tr) and s["eval_blocks"] == len(ev)
+    assert s["train_tokens"] == tr.size
+    assert s["source"] == str(f)
+    assert s["bad_rows"] == 0
+    # The saved tokenizer is the one the arrays were made with.
+    again = load_tokenizer(str(tok_dir))
+    assert again("alpha beta")["input_ids"] == data.tokenizer("alpha beta")["input_ids"]
+
+
+def test_causal_is_deterministic(tmp_path: Path):
+    f = tmp_path / "corpus.txt"
+    f.write_text(paragraphs(30))
+    a, b = prepare_data(causal_cfg(f)), prepare_data(causal_cfg(f))
+    assert np.array_equal(a.train["input_ids"], b.train["input_ids"])
+    assert np.array_equal(a.eval["input_ids"], b.eval["input_ids"])
+
+
+def test_causal_eval_rows_are_not_training_rows(tmp_path: Path):
+    f = tmp_path / "corpus.txt"
+    f.write_text(paragraphs(30))
+    data = prepare_data(causal_cfg(f))
+    train_rows = {r.tobytes() for r in data.train["input_ids"]}
+    assert all(r.tobytes() not in train_rows for r in data.eval["input_ids"])
+
+
+def test_causal_separate_eval_file(tmp_path: Path):
+    f, e = tmp_path / "train.txt", tmp_path / "eval.txt"
+    f.write_text(paragraphs(30))
+    e.write_text(paragraphs(5))
+    data = prepare_data(causal_cfg(f, f"data.eval_path={e}"))
+    whole = prepare_data(causal_cfg(f))
+    # Nothing held out of the training file when an eval file is given.
+    assert len(data.train["input_ids"]) == len(whole.train["input_ids"]) + len(whole.eval["input_ids"])
+    assert len(data.eval["input_ids"]) >= 1
+
+
+def test_causal_max_documents(tmp_path: Path):
+    f = tmp_path / "corpus.txt"
+    f.write_text(paragraphs(40))
+    data = prepare_data(causal_cfg(f, "data.max_documents=10"))
+    assert data.stats["documents"] == 10
+
+
+def test_causal_embedded_corpus(tmp_path: Path):
+    data = prepare_data(causal_cfg(None, "data.max_documents=5", "data.block_size=64"))
+    assert data.stats["source"] == "embedded:pydoc_data.topics"
+    assert len(data.train["input_ids"]) > 1
+
+
+def test_causal_too_little_text(tmp_path: Path):
+    f = tmp_path / "corpus.txt"
+    f.write_text("alpha beta")
+    with pytest.raises(ValueError, match="data.block_size"):
+        prepare_data(causal_cfg(f, "data.block_size=256"))
+
+
+def test_causal_only_one_block_cannot_split(tmp_path: Path):
+    f = tmp_path / "corpus.txt"
+    f.write_text("abcdefghij")  # no repeated pair, so no merges: 10 byte tokens + EOS
+    with pytest.raises(DataError, match="only 1 block"):
+        prepare_data(causal_cfg(f, "data.block_size=8"))
+
+
+def test_classification_infers_sorted_labels(tmp_path: Path):
+    rows = [(f"{WORDS[i % 12]} good text {i}", ["pos", "neg", "neutral"][i % 3]) for i in range(24)]
+    f = write_labelled(tmp_path / "cls.jsonl", rows)
+    data = prepare_data(cls_cfg(f))
+    assert data.id2label == {0: "neg", 1: "neutral", 2: "pos"}
+    assert data.stats["labels"] == ["neg", "neutral", "pos"]
+    labels = np.concatenate([data.train["labels"], data.eval["labels"]])
+    assert sorted(np.bincount(labels).tolist()) == [8, 8, 8]
+    assert data.stats["train_examples"] + data.stats["eval_examples"] == 24
+    assert data.stats["eval_examples"] == 6
+    for split in (data.train, data.eval):
+        assert set(split) == {"input_ids", "attention_mask", "labels"}
+        assert split["input_ids"].shape == split["attention_mask"].shape
+        assert split["input_ids"].shape[1] <= 16
+        assert len(split["labels"]) == len(split["input_ids"])
+
+
+def test_classification_labels_stay_with_their_texts(tmp_path: Path):
+    rows = [
+        (f"always positive {i}" if i % 2 else f"never negative {i}", "pos" if i % 2 else "neg")
+        for i in range(20)
+    ]
+    f = write_labelled(tmp_path / "cls.jsonl", rows)
+    data = prepare_data(cls_cfg(f, "data.block_size=64"))
+    tok = data.tokenizer
+    for split in (data.train, data.eval):
+        for ids, mask, lab in zip(split["input_ids"], split["attention_mask"], split["labels"], strict=True):
+            text = tok.decode(ids[mask.astype(bool)].tolist())
+            assert text.startswith("always" if data.id2label[int(lab)] == "pos" else "never")
+
+
+def test_classification_numeric_labels_sort_numerically(tmp_path: Path):
+    rows = [(f"text number {i}", [10, 2, 1][i % 3]) for i in range(12)]
+    f = write_labelled(tmp_path / "cls.jsonl", rows)
+    data = prepare_data(cls_cfg(f))
+    assert data.id2label == {0: "1", 1: "2", 2: "10"}
+
+
+def test_classification_numeric_labels_map_to_given_names(tmp_path: Path):
+    f = tmp_path / "cls.tsv"
+    f.write_text("sentence\tlabel\n" + "".join(f"movie review {i}\t{i % 2}\n" for i in range(12)))
+    data = prepare_data(cls_cfg(f, "data.text_column=sentence", "data.labels=[negative, positive]"))
+    assert data.id2label == {0: "negative", 1: "positive"}
+    assert data.stats["bad_rows"] == 0
+    assert data.stats["train_examples"] + data.stats["eval_examples"] == 12
+
+
+def test_classification_unknown_labels_skipped_and_counted(tmp_path: Path):
+    rows = [(f"text {i}", ["pos", "neg"][i % 2]) for i in range(12)] + [("odd one", "maybe"), ("", "pos")]
+    f = write_labelled(tmp_path / "cls.jsonl", rows)
+    data = prepare_data(cls_cfg(f, "data.labels=[neg, pos]"))
+    assert data.stats["bad_rows"] == 2
+    assert data.stats["train_examples"] + data.stats["eval_examples"] == 12
+    assert any("unknown label 'maybe'" in e for e in data.stats["bad_row_examples"])
+
+
+def test_classification_unknown_label_fails_with_fail_policy(tmp_path: Path):
+    rows = [(f"text {i}", ["pos", "neg"][i % 2]) for i in range(12)] + [("odd one", "maybe")]
+    f = write_labelled(tmp_path / "cls.jsonl", rows)
+    with pytest.raises(DataError) as exc:
+        prepare_data(cls_cfg(f, "data.labels=[neg, pos]", "data.bad_rows=fail"))
+    msg = str(exc.value)
+    assert "row 12" in msg
+    assert "unknown label 'maybe'" in msg
+    assert "['neg', 'pos']" in msg
+
+
+def test_classification_needs_two_labels(tmp_path: Path):
+    f = write_labelled(tmp_path / "cls.jsonl", [(f"t {i}", "same") for i in range(10)])
+    with pytest.raises(DataError, match="1 distinct labels"):
+        prepare_data(cls_cfg(f))
+
+
+def test_classification_label_column_missing(tmp_path: Path):
+    f = write_labelled(tmp_path / "cls.jsonl", [(f"t {i}", i % 2) for i in range(10)])
+    with pytest.raises(DataError, match="'sentiment' has 0 distinct labels"):
+        prepare_data(cls_cfg(f, "data.label_column=sentiment"))
+
+
+def test_classification_needs_a_path():
+    cfg = load_config(None, ["task=classification", "train.max_steps=1"])
+    with pytest.raises(DataError, match="needs data.path"):
+        prepare_data(cfg)
+
+
+def test_classification_separate_eval_file(tmp_path: Path):
+    f = write_labelled(tmp_path / "train.jsonl", [(f"train {i}", ["a", "b"][i % 2]) for i in range(10)])
+    e = write_labelled(
+        tmp_path / "eval.jsonl", [(f"eval {i}", ["a", "b"][i % 2]) for i in range(4)] + [("x", "c")]
+    )
+    data = prepare_data(cls_cfg(f, f"data.eval_path={e}"))
+    assert data.stats["train_examples"] == 10
+    assert data.stats["eval_examples"] == 4
+    assert data.stats["bad_rows"] == 1  # the eval file's unknown label 'c'
+
+
+def test_get_tokenizer_prefers_configured_then_model_dir(tmp_path: Path):
+    texts = [paragraphs(10)]
+    saved = train_tokenizer(texts, vocab_size=270)
+    saved.save_pretrained(str(tmp_path / "tok"))
+    cfg = causal_cfg(None, f"data.tokenizer.path={tmp_path / 'tok'}")
+    assert len(get_tokenizer(cfg, ["other text"])) == len(saved)
+    saved.save_pretrained(str(tmp_path / "model"))
+    cfg = causal_cfg(None, f"model.path={tmp_path / 'model'}")
+    assert len(get_tokenizer(cfg, ["other text"])) == len(saved)
+    # A model dir without a tokenizer: train one on the texts.
+    cfg = causal_cfg(None, f"model.path={tmp_path / 'nothing'}")
+    fresh = get_tokenizer(cfg, texts)
+    assert len(fresh) > len(saved)  # data.tokenizer.vocab_size=300, not the saved 270

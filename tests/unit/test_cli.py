@@ -1,0 +1,216 @@
+"""`bloomray <verb>`: help texts, argument plumbing and error exit codes (no Ray started)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bloomray.cli import build_parser, main
+
+ROOT = Path(__file__).resolve().parents[2]
+CONSOLE_SCRIPT = Path(sys.executable).parent / "bloomray"
+
+VERB_OPTIONS = {
+    "pretrain": ["--config", "--output", "--set", "--resume", "--address"],
+    "finetune": ["--config", "--output", "--set", "--resume", "--address"],
+    "export": ["--checkpoint", "--output", "--overwrite"],
+    "demo": ["--output", "--set"],
+}
+
+
+def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
+    """main(argv) -> (exit code, stdout, stderr), whether it returns or raises SystemExit."""
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_top_level_help(capsys):
+    code, out, _ = run_main(["--help"], capsys)
+    assert code == 0
+    for verb in VERB_OPTIONS:
+        assert verb in out
+    assert "examples:" in out
+    assert "bloomray pretrain --config tiny-cpu" in out
+
+
+@pytest.mark.parametrize("verb", sorted(VERB_OPTIONS))
+def test_verb_help_lists_its_options(verb: str, capsys):
+    code, out, _ = run_main([verb, "--help"], capsys)
+    assert code == 0
+    assert f"usage: bloomray {verb}" in out
+    for option in VERB_OPTIONS[verb]:
+        assert option in out
+
+
+def test_run_verbs_default_to_their_presets():
+    parser = build_parser()
+    assert parser.parse_args(["pretrain"]).config == "tiny-cpu"
+    assert parser.parse_args(["finetune"]).config == "classify-tiny-cpu"
+    args = parser.parse_args(["pretrain", "--set", "a.b=1", "--set", "c.d=2"])
+    assert args.overrides == ["a.b=1", "c.d=2"]
+
+
+def test_console_script_help():
+    assert CONSOLE_SCRIPT.exists(), "pip install -e . should have installed the bloomray script"
+    out = subprocess.run(
+        [str(CONSOLE_SCRIPT), "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0
+    assert "usage: bloomray" in out.stdout
+    assert "pretrain" in out.stdout
+
+
+def test_no_verb_is_a_usage_error(capsys):
+    code, _, err = run_main([], capsys)
+    assert code == 2
+    assert "usage: bloomray" in err
+
+
+def test_unknown_verb_is_a_usage_error(capsys):
+    code, _, err = run_main(["train"], capsys)
+    assert code == 2
+    assert "invalid choice" in err
+
+
+def test_export_requires_checkpoint_and_output(capsys):
+    code, _, err = run_main(["export", "--output", "x"], capsys)
+    assert code == 2
+    assert "--checkpoint" in err
+
+
+def test_bad_config_key_exits_2_without_traceback(capsys):
+    code, out, err = run_main(["pretrain", "--set", "train.lrr=0.1"], capsys)
+    assert code == 2
+    assert "unknown config key 'train.lrr'" in err
+    assert "Did you mean 'train.lr'?" in err
+    assert err.startswith("bloomray: error:")
+    assert "Traceback" not in err + out
+
+
+def test_bad_config_combination_exits_2(capsys):
+    code, _, err = run_main(["pretrain", "--set", "deepspeed.precision=fp16"], capsys)
+    assert code == 2
+    assert "bf16" in err
+
+
+def test_missing_config_exits_2_naming_presets(tmp_path: Path, capsys):
+    code, _, err = run_main(["pretrain", "--config", str(tmp_path / "none.yaml")], capsys)
+    assert code == 2
+    assert "config file not found" in err
+    assert "tiny-cpu" in err
+
+
+def test_pretrain_refuses_a_classification_config(capsys):
+    code, _, err = run_main(["pretrain", "--config", "classify-tiny-cpu"], capsys)
+    assert code == 2
+    assert "bloomray finetune" in err
+
+
+def test_resume_without_a_run_exits_2(tmp_path: Path, capsys):
+    code, _, err = run_main(["pretrain", "--resume", str(tmp_path / "nothing")], capsys)
+    assert code == 2
+    assert str(tmp_path / "nothing") in err
+
+
+def test_bad_data_path_exits_2_before_ray(tmp_path: Path, capsys):
+    missing = tmp_path / "missing.csv"
+    code, _, err = run_main(
+        ["finetune", "--output", str(tmp_path / "out"), "--set", f"data.path={missing}"], capsys
+    )
+    assert code == 2
+    assert f"data path not found: {missing}" in err
+    assert "Traceback" not in err
+    import ray
+
+    assert not ray.is_initialized()
+
+
+def test_export_of_a_non_checkpoint_exits_2(tmp_path: Path, capsys):
+    code, _, err = run_main(
+        ["export", "--checkpoint", str(tmp_path), "--output", str(tmp_path / "m")], capsys
+    )
+    assert code == 2
+    assert "not a bloomray checkpoint" in err
+
+
+def test_export_onto_existing_output_exits_1(tmp_path: Path, capsys):
+    (tmp_path / "m").mkdir()
+    code, _, err = run_main(
+        ["export", "--checkpoint", str(tmp_path), "--output", str(tmp_path / "m")], capsys
+    )
+    assert code == 1
+    assert "--overwrite" in err
+
+
+def test_train_verbs_pass_config_output_and_overrides(tmp_path: Path, capsys, monkeypatch):
+    import bloomray.train.run as run
+
+    calls = []
+
+    def fake_run_training(cfg, out, resume=False):
+        calls.append((cfg, Path(out), resume))
+        return {"model_dir": "somewhere", "steps": cfg.train.max_steps}
+
+    monkeypatch.setattr(run, "run_training", fake_run_training)
+    code, out, _ = run_main(
+        [
+            "pretrain",
+            "--output",
+            str(tmp_path / "o"),
+            "--set",
+            "train.max_steps=3",
+            "--address",
+            "ray://head:10001",
+        ],
+        capsys,
+    )
+    assert code == 0
+    cfg, where, resume = calls[-1]
+    assert where == tmp_path / "o" and resume is False
+    assert cfg.train.max_steps == 3
+    assert cfg.ray.address == "ray://head:10001"
+    assert cfg.model.preset == "small"  # from the tiny-cpu preset
+    assert json.loads(out) == {"model_dir": "somewhere", "steps": 3}
+
+    # Without --output, the config's output.dir is used.
+    assert run_main(["finetune", "--set", "output.dir=from-config"], capsys)[0] == 0
+    cfg, where, _ = calls[-1]
+    assert cfg.task == "classification"
+    assert where == Path("from-config")
+
+
+def test_resume_uses_the_saved_config(tmp_path: Path, capsys, monkeypatch):
+    import bloomray.train.run as run
+    from bloomray.config import dump_config, load_config
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    dump_config(load_config("tiny-cpu", ["train.lr=0.123"]), run_dir / "config.yaml")
+    calls = []
+    monkeypatch.setattr(
+        run, "run_training", lambda cfg, out, resume=False: calls.append((cfg, out, resume)) or {}
+    )
+    code, _, _ = run_main(["pretrain", "--resume", str(run_dir), "--set", "train.max_steps=99"], capsys)
+    assert code == 0
+    cfg, out, resume = calls[-1]
+    assert resume is True and Path(out) == run_dir
+    assert cfg.train.lr == pytest.approx(0.123)
+    assert cfg.train.max_steps == 99
+
+
+def test_demo_passes_output_and_overrides(tmp_path: Path, capsys, monkeypatch):
+    import bloomray.demo as demo
+
+    calls = []
+    monkeypatch.setattr(demo, "run_demo", lambda output, overrides: calls.append((output, overrides)))
+    code, _, _ = run_main(["demo", "--output", str(tmp_path / "d"), "--set", "train.max_steps=2"], capsys)
+    assert code == 0
+    assert calls == [(tmp_path / "d", ["train.max_steps=2"])]
