@@ -40,7 +40,9 @@ def consolidated_state_dict(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def _zero_stage(tag_dir: Path) -> int:
-    states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    # ZeRO-3 names its files zero_pp_rank_R_mp_rank_00_model_states.pt; others mp_rank_00_...
+    first = sorted(tag_dir.glob("*model_states.pt"))[0]
+    states = torch.load(first, map_location="cpu", weights_only=False)
     return int(states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))
 
 

@@ -83,9 +83,12 @@ def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimize
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim < 2 or "layernorm" in name.lower() else decay).append(p)
+    # Empty groups are left out: ZeRO drops them, and the LR scheduler would then hold one
+    # more group than the optimizer (LoRA has no trainable biases or LayerNorms).
     groups = [
-        {"params": decay, "weight_decay": cfg.train.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        g
+        for g in ({"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0})
+        if g["params"]
     ]
     kw = {"lr": cfg.train.lr, "betas": tuple(cfg.train.betas)}
     if cfg.deepspeed.optimizer == "cpu_adam":
