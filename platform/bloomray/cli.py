@@ -17,6 +17,8 @@ EPILOG = """examples:
   bloomray pretrain --config tiny-cpu --output outputs/tiny --set train.max_steps=30 --set data.path=my.txt
   bloomray pretrain --resume outputs/tiny --set train.max_steps=120
   bloomray finetune --config classify-tiny-cpu --output outputs/cls --set data.path=reviews.csv
+  bloomray tune --config tune-tiny-cpu --output outputs/tune --set tune.num_samples=8
+  bloomray tune --resume outputs/tune
   bloomray export --checkpoint outputs/tiny/checkpoints/checkpoint_... --output exported/
   bloomray demo
 """
@@ -115,6 +117,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     summary = run_training(cfg, out, resume=bool(args.resume))
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from bloomray.tune.driver import resume_tune, run_tune
+
+    overrides = list(args.overrides) + ([f"ray.address={args.address}"] if args.address else [])
+    if args.resume:
+        summary = resume_tune(args.resume)
+    else:
+        cfg = load_config(args.config, overrides)
+        summary = run_tune(cfg, Path(args.output or cfg.output.dir))
+    print(json.dumps(summary, indent=2, default=str))
     return 0
 
 

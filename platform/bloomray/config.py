@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PRESET_DIR = Path(__file__).resolve().parents[2] / "jobs" / "configs"
 
@@ -108,6 +108,77 @@ class OutputConfig(_Section):
     export: bool = True
 
 
+# BLOOM block Linears that can be pruned (embeddings, LayerNorms, the tied head cannot).
+PRUNABLE_MODULES = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+
+
+class PruneConfig(_Section):
+    """Sparsity during training: what to prune, how much, and when."""
+
+    method: Literal["none", "magnitude", "structured", "2:4"] = "none"
+    scope: Literal["layer", "global"] = "layer"  # magnitude: per-layer or one global threshold
+    structure: Literal["mlp", "heads", "mlp+heads"] = "mlp"  # structured: MLP neurons, heads or both
+    importance: Literal["magnitude", "taylor"] = "magnitude"  # taylor = accumulated |weight x grad|
+    schedule: Literal["cubic", "linear", "exponential", "one_shot"] = "cubic"
+    initial_sparsity: float = Field(0.0, ge=0.0, lt=1.0)
+    final_sparsity: float = Field(0.5, ge=0.0, lt=1.0)
+    start_fraction: float = Field(0.1, ge=0.0, le=1.0)  # of train steps
+    end_fraction: float = Field(0.7, ge=0.0, le=1.0)
+    update_every: int = Field(10, ge=1)  # steps between mask updates
+    targets: list[str] = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _unquoted_two_four(cls, v: Any) -> Any:
+        return "2:4" if v == 124 else v  # YAML 1.1 reads an unquoted 2:4 as base-60 2*60+4
+
+
+class SpaceParam(_Section):
+    """One searched config key: ``loguniform``/``uniform`` take low/high, ``choice``/``grid`` values."""
+
+    type: Literal["loguniform", "uniform", "choice", "grid"]
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _check_range(self) -> SpaceParam:
+        if self.type in ("loguniform", "uniform"):
+            if self.low is None or self.high is None:
+                raise ValueError(f"type={self.type} needs low and high")
+            if not self.low < self.high:
+                raise ValueError(f"low={self.low} must be below high={self.high}")
+            if self.type == "loguniform" and self.low <= 0:
+                raise ValueError(f"loguniform needs low > 0, got low={self.low}")
+        elif not self.values:
+            raise ValueError(f"type={self.type} needs a non-empty values list")
+        return self
+
+
+class TuneConfig(_Section):
+    """The Ray Tune search: space, algorithm, early stopping, retries."""
+
+    space: dict[str, SpaceParam] = {}
+    search: Literal["random", "grid", "optuna"] = "random"
+    num_samples: int = Field(4, ge=1)  # random/optuna: trials; grid: repeats of the grid
+    metric: Literal["eval_loss", "eval_accuracy", "eval_macro_f1"] = "eval_loss"
+    scheduler: Literal["asha", "fifo"] = "asha"
+    grace_period: int = Field(2, ge=1)  # ASHA: reports before a trial can be stopped
+    reduction_factor: int = Field(2, ge=2)
+    max_concurrent_trials: int = Field(1, ge=1)
+    max_failures: int = Field(1, ge=0)  # retries of a failed trial before it is reported ERROR
+    seed: int = 0
+
+
+class SelectConfig(_Section):
+    """Winner selection: best quality within a budget, else the knee of the Pareto front."""
+
+    max_latency_ms: float | None = Field(None, gt=0)
+    min_sparsity: float | None = Field(None, ge=0, lt=1)
+    latency_batch: int = Field(4, ge=1)
+    latency_seq: int = Field(64, ge=1)
+
+
 class RayConfig(_Section):
     address: str | None = None  # None = start a local Ray (or join RAY_ADDRESS)
     num_cpus: int | None = Field(None, ge=1)  # logical CPUs for a local Ray
@@ -121,6 +192,9 @@ class Config(_Section):
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     scaling: ScalingConfig = ScalingConfig()
     output: OutputConfig = OutputConfig()
+    prune: PruneConfig = PruneConfig()
+    tune: TuneConfig = TuneConfig()
+    select: SelectConfig = SelectConfig()
     ray: RayConfig = RayConfig()
 
     @model_validator(mode="after")
@@ -171,6 +245,27 @@ def check_combinations(cfg: Config) -> None:
             "model.lora.enabled=true trains adapters on a pretrained model: set model.path "
             "to a model directory (LoRA on random weights learns nothing useful)"
         )
+    p = cfg.prune
+    if p.method != "none":
+        if p.end_fraction < p.start_fraction:
+            raise ValueError(
+                f"prune.end_fraction={p.end_fraction} is before prune.start_fraction={p.start_fraction}"
+            )
+        if p.final_sparsity < p.initial_sparsity:
+            raise ValueError(
+                f"prune.final_sparsity={p.final_sparsity} is below prune.initial_sparsity={p.initial_sparsity}"
+            )
+        if p.method == "2:4" and p.final_sparsity != 0.5:
+            raise ValueError("prune.method=2:4 keeps 2 of every 4 weights: prune.final_sparsity must be 0.5")
+        unknown = sorted(set(p.targets) - set(PRUNABLE_MODULES))
+        if unknown or not p.targets:
+            raise ValueError(
+                f"prune.targets has {unknown or 'nothing'}; choose from {list(PRUNABLE_MODULES)}"
+            )
+        if cfg.model.lora.enabled:
+            raise ValueError(
+                "prune with model.lora.enabled: LoRA freezes the weights being pruned; disable one"
+            )
     if cfg.data.labels is not None and len(set(cfg.data.labels)) != len(cfg.data.labels):
         raise ValueError(f"data.labels has duplicates: {cfg.data.labels}")
 
@@ -261,7 +356,8 @@ def _explain(exc: ValidationError) -> str:
         elif not loc:  # a model-level check (check_combinations)
             lines.append(err["msg"].removeprefix("Value error, "))
         else:
-            lines.append(f"{loc}: {err['msg']} (got {err.get('input')!r})")
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{loc}: {msg} (got {err.get('input')!r})")
     return "invalid config:\n  " + "\n  ".join(lines)
 
 

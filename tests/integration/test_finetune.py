@@ -59,8 +59,12 @@ def test_classification_finetune_reaches_high_accuracy(tmp_path, ray_local):
     model = AutoModelForSequenceClassification.from_pretrained(str(out / "model")).eval()
     tok = AutoTokenizer.from_pretrained(str(out / "model"))
     assert model.config.id2label == {0: "negative", 1: "positive"}
-    batch = tok(["the film was wonderful and brilliant", "the plot was tedious and awful"], return_tensors="pt",
-                padding=True, padding_side="right")
+    batch = tok(
+        ["the film was wonderful and brilliant", "the plot was tedious and awful"],
+        return_tensors="pt",
+        padding=True,
+        padding_side="right",
+    )
     with torch.no_grad():
         pred = model(**batch).logits.argmax(-1).tolist()
     assert [model.config.id2label[p] for p in pred] == ["positive", "negative"]
@@ -71,8 +75,15 @@ def test_bad_rows_fail_mode_stops_before_training(tmp_path):
 
     data = tmp_path / "reviews.tsv"
     write_reviews(data, n=20)
-    cfg = load_config("classify-tiny-cpu", [f"data.path={data}", "data.text_column=sentence",
-                                            "data.labels=[negative, positive]", "data.bad_rows=fail"])
+    cfg = load_config(
+        "classify-tiny-cpu",
+        [
+            f"data.path={data}",
+            "data.text_column=sentence",
+            "data.labels=[negative, positive]",
+            "data.bad_rows=fail",
+        ],
+    )
     with pytest.raises(DataError, match="data.bad_rows=skip"):
         run_training(cfg, tmp_path / "cls")
     assert not (tmp_path / "cls" / "checkpoints").exists()
@@ -82,8 +93,17 @@ def test_lora_finetune_from_pretrained_dir_zero3(tmp_path, ray_local):
     # Continued training of an existing model dir, with LoRA adapters, ZeRO-3 and
     # activation checkpointing: the export merges the adapters into a plain HF model.
     base = tmp_path / "base"
-    pre = load_config("tiny-cpu", ["model.preset=tiny", "train.max_steps=2", "train.checkpoint_every=2",
-                                   "train.eval_every=2", "data.tokenizer.vocab_size=512", "data.block_size=32"])
+    pre = load_config(
+        "tiny-cpu",
+        [
+            "model.preset=tiny",
+            "train.max_steps=2",
+            "train.checkpoint_every=2",
+            "train.eval_every=2",
+            "data.tokenizer.vocab_size=512",
+            "data.block_size=32",
+        ],
+    )
     run_training(pre, base)
     data = tmp_path / "reviews.tsv"
     write_reviews(data, n=160)

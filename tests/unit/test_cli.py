@@ -120,7 +120,13 @@ def test_resume_without_a_run_exits_2(tmp_path: Path, capsys):
     assert str(tmp_path / "nothing") in err
 
 
-def test_bad_data_path_exits_2_before_ray(tmp_path: Path, capsys):
+def test_bad_data_path_exits_2_before_ray(tmp_path: Path, capsys, monkeypatch):
+    import bloomray.train.run as run
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray must not start for a bad data path")
+
+    monkeypatch.setattr(run, "init_ray", no_ray)
     missing = tmp_path / "missing.csv"
     code, _, err = run_main(
         ["finetune", "--output", str(tmp_path / "out"), "--set", f"data.path={missing}"], capsys
@@ -128,9 +134,6 @@ def test_bad_data_path_exits_2_before_ray(tmp_path: Path, capsys):
     assert code == 2
     assert f"data path not found: {missing}" in err
     assert "Traceback" not in err
-    import ray
-
-    assert not ray.is_initialized()
 
 
 def test_export_of_a_non_checkpoint_exits_2(tmp_path: Path, capsys):

@@ -19,6 +19,7 @@ def write_model_card(model_dir: Path, meta: dict[str, Any], info: dict[str, Any]
         if v is not None
     )
     diff = info.get("max_abs_logit_diff")
+    extra = _pruning_section(meta, info) + extra
     text = f"""---
 library_name: transformers
 tags: [bloom, bloomray]
@@ -58,3 +59,42 @@ tokenizer = AutoTokenizer.from_pretrained("{model_dir.name}")
 ```
 """
     (model_dir / "README.md").write_text(text)
+
+
+def _pruning_section(meta: dict[str, Any], info: dict[str, Any]) -> str:
+    prune = meta.get("config", {}).get("prune", {})
+    if prune.get("method", "none") == "none":
+        return ""
+    m = meta.get("metrics", {})
+    layers = "\n".join(
+        f"| {k.split('_')[-1]} | {v:.3f} |"
+        for k, v in sorted(m.items(), key=lambda kv: kv[0])
+        if k.startswith("sparsity/layer_")
+    )
+    how = {
+        "structured": f"structured ({prune.get('structure')}), compacted into smaller shapes",
+        "magnitude": f"unstructured magnitude ({prune.get('scope')}), stored sparse (bitmask + values)",
+        "2:4": "2:4 semi-structured (GPU sparse tensor cores; masks only on CPU), stored sparse",
+    }[prune["method"]]
+    dense_mb = info.get("dense_size_bytes", 0) / 2**20
+    disk_mb = info.get("size_on_disk_bytes", 0) / 2**20
+    speed_note = (
+        "Unstructured zeros make dense kernels no faster: the latency gain is none by design; "
+        "the gain is size on disk."
+        if prune["method"] != "structured"
+        else "Structured pruning shrinks the matmuls, so the latency gain is real."
+    )
+    return f"""
+## Pruning
+- method: {how}; importance: {prune.get("importance")}
+- schedule: {prune.get("schedule")} from sparsity {prune.get("initial_sparsity")} to {prune.get("final_sparsity")}, steps {prune.get("start_fraction")}-{prune.get("end_fraction")} of training, masks updated every {prune.get("update_every")} steps
+- overall sparsity of pruned weights: {m.get("sparsity", float("nan")):.3f}
+- parameters: {info.get("parameters_dense", 0):,} dense -> {info.get("parameters", 0):,} exported
+- size on disk: {dense_mb:.2f} MiB dense -> {disk_mb:.2f} MiB exported
+- CPU forward latency (batch 4 x 64 tokens, median): {info.get("latency_ms_dense", float("nan")):.2f} ms dense (masked) -> {info.get("latency_ms", float("nan")):.2f} ms exported
+- {speed_note}
+
+| layer | sparsity |
+|---|---|
+{layers}
+"""

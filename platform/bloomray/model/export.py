@@ -84,23 +84,87 @@ def _wrap_lora(model: torch.nn.Module, meta: dict[str, Any]) -> torch.nn.Module:
     )
 
 
-def check_probe(model_dir: Path, checkpoint_dir: Path, task: str, dtype: torch.dtype) -> float | None:
+def check_probe(model_dir: Path, checkpoint_dir: Path, dtype: torch.dtype) -> float | None:
     """Max |logit difference| between the reloaded export and the engine's probe logits."""
+    from bloomray.model.load import load_model
+
     probe_path = checkpoint_dir / PROBE_FILE
     if not probe_path.exists():
         return None
     probe = torch.load(probe_path, map_location="cpu")
-    reloaded = model_class(task).from_pretrained(str(model_dir), dtype=dtype).eval()
+    reloaded = load_model(model_dir, dtype=dtype)
     with torch.no_grad():
         inputs = {k: v for k, v in probe.items() if k != "logits"}
         logits = reloaded(**inputs).logits.float()
     return float((logits - probe["logits"]).abs().max())
 
 
+def compact_model(model: torch.nn.Module, tolerance: float = 1e-4) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Cut structurally pruned heads/neurons out of ``model``; check logits are unchanged.
+
+    Raises:
+        ExportError: the compact model's fp32 logits differ from the masked model's.
+    """
+    from bloomray.prune.compact import SPEC_KEY, compact_state_dict, find_removable, reshape_model
+
+    cfg = model.config
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    spec = find_removable(state, cfg.n_layer, cfg.n_head)
+    small = model_class("classification" if "SequenceClassification" in type(model).__name__ else "causal_lm")
+    compact = reshape_model(small.from_config(cfg), spec)
+    compact.load_state_dict(compact_state_dict(state, spec, cfg.n_head), strict=False)
+    compact.tie_weights()
+    compact.eval()
+    setattr(compact.config, SPEC_KEY, spec)
+    ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = float((compact(input_ids=ids).logits - model(input_ids=ids).logits).abs().max())
+    if diff > tolerance:
+        raise ExportError(
+            f"compacted model's logits differ from the masked model's by {diff:.3g} (> {tolerance})"
+        )
+    return compact, {
+        "compact_logit_diff": diff,
+        "kept_heads": [len(h) for h in spec["heads"]],
+        "kept_neurons": [len(n) for n in spec["neurons"]],
+    }
+
+
+def _write_model(model: torch.nn.Module, tmp: Path, prune_method: str) -> dict[str, Any]:
+    """Save ``model`` into ``tmp`` in the most compact loadable form for its pruning method."""
+    from bloomray.model.load import SPARSE_FILE, SPARSE_KEY, forward_latency_ms, save_sparse
+
+    facts: dict[str, Any] = {"parameters_dense": count_parameters(model)}
+    dense_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    facts["dense_size_bytes"] = dense_bytes
+    facts["latency_ms_dense"] = forward_latency_ms(model)
+    if prune_method == "structured":
+        model, info = compact_model(model)
+        facts.update(info)
+        model.save_pretrained(str(tmp), safe_serialization=True)
+    elif prune_method in ("magnitude", "2:4"):
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+        facts["sparse_tensors"] = len(save_sparse(state, tmp / SPARSE_FILE))
+        setattr(model.config, SPARSE_KEY, {"format": "bitmask-v1", "file": SPARSE_FILE})
+        model.config.architectures = [type(model).__name__]  # load_model reads the task from it
+        model.config.save_pretrained(str(tmp))
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(str(tmp))
+    else:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+    facts["parameters"] = count_parameters(model)
+    facts["latency_ms"] = forward_latency_ms(model)
+    return facts
+
+
 def export_checkpoint(
     checkpoint_dir: str | Path, output_dir: str | Path, overwrite: bool = False, tolerance: float = 1e-2
 ) -> dict[str, Any]:
-    """Write ``output_dir`` as an HF model dir (safetensors, config, tokenizer, model card).
+    """Write ``output_dir`` as a model dir (weights, config, tokenizer, model card).
+
+    Structurally pruned models are compacted into smaller shapes; unstructured-pruned ones
+    are stored sparse (bitmask + values); both load with ``bloomray.model.load.load_model``.
+    Others are plain HF dirs.
 
     Args:
         checkpoint_dir: an ``OUTPUT/checkpoints/checkpoint_*`` dir.
@@ -108,7 +172,7 @@ def export_checkpoint(
         tolerance: largest accepted |logit| difference vs the engine (in its dtype).
 
     Returns:
-        Export facts: parameters, size on disk, probe logit difference.
+        Export facts: parameters, size on disk, latency, probe logit difference.
 
     Raises:
         FileNotFoundError / ExportError: not a checkpoint, shapes mismatch, logits differ.
@@ -117,24 +181,28 @@ def export_checkpoint(
     if out.exists() and not overwrite:
         raise ExportError(f"{out} exists; pass --overwrite or choose another --output")
     model, meta = load_checkpoint_model(ckpt)
+    prune_method = meta["config"].get("prune", {}).get("method", "none")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        facts = _write_model(model, tmp, prune_method)
         if (ckpt / TOKENIZER_DIR).is_dir():
             AutoTokenizer.from_pretrained(str(ckpt / TOKENIZER_DIR)).save_pretrained(str(tmp))
         precision = meta["config"]["deepspeed"]["precision"]
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-        diff = check_probe(tmp, ckpt, meta["task"], dtype)
+        diff = check_probe(tmp, ckpt, dtype)
         if diff is not None and diff > tolerance:
             raise ExportError(
                 f"exported model's logits differ from the trained engine's by {diff:.3g} (> {tolerance})"
             )
         info = {
-            "parameters": count_parameters(model),
-            "size_on_disk_bytes": sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()),
+            **facts,
+            "size_on_disk_bytes": sum(
+                p.stat().st_size for p in tmp.rglob("*") if p.is_file() and p.suffix == ".safetensors"
+            ),
             "max_abs_logit_diff": diff,
             "checkpoint": str(ckpt),
+            "prune_method": prune_method,
         }
         write_model_card(tmp, meta, info)
         _swap_into_place(tmp, out)

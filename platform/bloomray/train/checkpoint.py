@@ -17,6 +17,7 @@ import torch
 DS_TAG = "ds"
 META_FILE = "bloomray.json"
 PROBE_FILE = "probe.pt"
+HOOKS_FILE = "hooks.pt"
 TOKENIZER_DIR = "tokenizer"
 
 
@@ -27,11 +28,12 @@ def save_and_report(
     meta: dict[str, Any] | None,
     tokenizer_files: dict[str, bytes] | None,
     probe: dict[str, torch.Tensor] | None = None,
+    hook_states: list[dict[str, Any]] | None = None,
 ) -> None:
     """Save this rank's shard and report it; every rank must call this at the same steps.
 
     Args:
-        meta, tokenizer_files, probe: written by rank 0 only (pass None elsewhere).
+        meta, tokenizer_files, probe, hook_states: written by rank 0 only (None elsewhere).
     """
     with tempfile.TemporaryDirectory(prefix="bloomray-ckpt-") as tmp:
         engine.save_checkpoint(tmp, tag=DS_TAG, client_state={"step": step})
@@ -46,27 +48,31 @@ def save_and_report(
                 (tdir / name).write_bytes(blob)
         if probe is not None:
             torch.save(probe, Path(tmp) / PROBE_FILE)
+        if hook_states:
+            torch.save(hook_states, Path(tmp) / HOOKS_FILE)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def restore_latest(engine: Any) -> tuple[int, list[int]]:
+def restore_latest(engine: Any) -> tuple[int, list[int], list[dict[str, Any]]]:
     """Load the latest reported checkpoint into ``engine``.
 
     Returns:
-        (step, restarts): the checkpoint's step (0 if none) and the steps every restart so
-        far resumed from, this one included.
+        (step, restarts, hook_states): the checkpoint's step (0 if none), the steps every
+        restart so far resumed from (this one included), and the step hooks' saved states.
     """
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
-        return 0, []
+        return 0, [], []
     with ckpt.as_directory() as d:
         _, client_state = engine.load_checkpoint(d, tag=DS_TAG)
         meta_path = Path(d) / META_FILE
         previous = json.loads(meta_path.read_text()).get("restarts", []) if meta_path.exists() else []
+        hooks_path = Path(d) / HOOKS_FILE
+        hook_states = torch.load(hooks_path, weights_only=False) if hooks_path.exists() else []
     if client_state is None:
         raise RuntimeError(f"checkpoint {ckpt.path} could not be loaded by DeepSpeed")
     step = int(client_state["step"])
-    return step, [*previous, step]
+    return step, [*previous, step], hook_states
 
 
 def read_meta(checkpoint_dir: str | Path) -> dict[str, Any]:

@@ -87,7 +87,10 @@ def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimize
     # more group than the optimizer (LoRA has no trainable biases or LayerNorms).
     groups = [
         g
-        for g in ({"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0})
+        for g in (
+            {"params": decay, "weight_decay": cfg.train.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        )
         if g["params"]
     ]
     kw = {"lr": cfg.train.lr, "betas": tuple(cfg.train.betas)}

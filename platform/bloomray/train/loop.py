@@ -32,14 +32,26 @@ from bloomray.train.metrics import (
 
 
 class StepHook(Protocol):
-    """Something that runs after every optimizer step (pruning masks, for one)."""
+    """Runs around every optimizer step (pruning masks, for one). Methods run on all ranks."""
+
+    def before_step(self, engine: Any, next_step: int) -> None: ...
 
     def after_step(self, engine: Any, step: int) -> dict[str, float]: ...
 
+    def log_metrics(self) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
 
 def build_hooks(cfg: Any, engine: Any, model: torch.nn.Module, total_steps: int) -> list[StepHook]:
-    """Hooks for this run; the extension point for pruning."""
-    return []
+    """Hooks for this run: pruning when ``prune.method`` is set."""
+    if cfg.prune.method == "none":
+        return []
+    from bloomray.prune.hook import PruneHook
+
+    return [PruneHook(cfg, engine, model, total_steps)]
 
 
 def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
@@ -53,7 +65,9 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
 
     engine, model = build_engine(cfg, loop_cfg["model_config"], total)
     hooks = build_hooks(cfg, engine, model, total)
-    step, restarts = restore_latest(engine)
+    step, restarts, hook_states = restore_latest(engine)
+    for hook, state in zip(hooks, hook_states, strict=False):
+        hook.load_state_dict(state)
     batches = ShardedBatches(data["train"], rank, world, cfg.train.micro_batch_size, cfg.train.seed)
     evals = eval_batches(data["eval"], rank, world, cfg.train.micro_batch_size, cfg.train.eval_max_batches)
     flops_tok, peak = _flop_budget(cfg, engine, model, loop_cfg, device)
@@ -78,6 +92,9 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
             batch = {k: v.to(device) for k, v in batches.get(step * ga + a).items()}
             loss = _forward(engine, cfg.task, batch)
             engine.backward(loss)
+            if a == ga - 1:
+                for hook in hooks:
+                    hook.before_step(engine, step + 1)
             engine.step()
             loss_sum += loss.item()
             n_loss += 1
@@ -95,6 +112,8 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         elapsed = time.perf_counter() - t0
         metrics = _step_metrics(engine, step, loss_sum, n_loss, tokens, elapsed, flops_tok, peak, device)
         metrics.update(extra)
+        for hook in hooks:
+            metrics.update(hook.log_metrics())
         metrics["epoch"] = step * ga / batches.per_epoch
         if do_eval:
             metrics.update(evaluate(engine, cfg.task, evals, device, loop_cfg.get("num_labels")))
@@ -104,7 +123,8 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
                 sinks.log(step, metrics)
         if do_ckpt:
             probe = _probe(engine, evals, device) if step == total else None
-            save_and_report(engine, step, metrics, meta, tok_files, probe if is_rank0 else None)
+            states = [h.state_dict() for h in hooks] if is_rank0 else None
+            save_and_report(engine, step, metrics, meta, tok_files, probe if is_rank0 else None, states)
         else:
             ray.train.report(metrics)
         loss_sum, n_loss, tokens, t0 = 0.0, 0, 0, time.perf_counter()

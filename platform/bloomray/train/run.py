@@ -88,7 +88,9 @@ def build_loop_config(cfg: Config, out: Path, data: PreparedData, tokenizer_dir:
     }
 
 
-def build_trainer(cfg: Config, out: Path, loop_config: dict[str, Any]) -> TorchTrainer:
+def build_trainer(
+    cfg: Config, out: Path, loop_config: dict[str, Any], callbacks: list[Any] | None = None
+) -> TorchTrainer:
     """A TorchTrainer whose checkpoints live in ``OUTPUT/checkpoints`` (resumable by name).
 
     With ``output.storage_path`` (shared or cloud storage on a cluster) they live in
@@ -114,6 +116,7 @@ def build_trainer(cfg: Config, out: Path, loop_config: dict[str, Any]) -> TorchT
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             worker_runtime_env={"env_vars": worker_env(s.use_gpu)},
+            callbacks=callbacks,
         ),
     )
 
@@ -132,10 +135,20 @@ def run_training(cfg: Config, output_dir: str | Path, resume: bool = False) -> d
     data = prepare_data(cfg, tokenizer_dir)
     dump_config(cfg, out / "config.yaml")
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    return train_prepared(cfg, out, data, tokenizer_dir)
+
+
+def train_prepared(
+    cfg: Config, out: Path, data: PreparedData, tokenizer_dir: Path, callbacks: list[Any] | None = None
+) -> dict[str, Any]:
+    """Run the Ray Train job on prepared data, then summarise and export (Ray already up).
+
+    Re-running it on the same ``out`` resumes from the latest checkpoint there.
+    """
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.scaling.worker_start_timeout_s)
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # else each progress line prints twice
     loop_config = build_loop_config(cfg, out, data, tokenizer_dir)
-    trainer = build_trainer(cfg, out, loop_config)
+    trainer = build_trainer(cfg, out, loop_config, callbacks)
     try:
         result = trainer.fit()
     except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors in several types
@@ -158,6 +171,7 @@ def finish_run(out: Path, checkpoint_path: str, export: bool) -> dict[str, Any]:
         "train_loss": m.get("train_loss"),
         "eval_loss": m.get("eval_loss"),
         **{k: m[k] for k in ("eval_perplexity", "eval_accuracy", "eval_macro_f1") if k in m},
+        "sparsity": m.get("sparsity"),
         "tokens_per_s": m.get("tokens_per_s"),
         "mfu": m.get("mfu"),
         "peak_mem_mb": m.get("peak_mem_mb"),
@@ -169,6 +183,7 @@ def finish_run(out: Path, checkpoint_path: str, export: bool) -> dict[str, Any]:
         info = export_checkpoint(checkpoint_path, out / "model", overwrite=True)
         summary["model_dir"] = str(out / "model")
         summary["export_max_abs_logit_diff"] = info.get("max_abs_logit_diff")
+        summary["export"] = {k: v for k, v in info.items() if k != "checkpoint"}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 

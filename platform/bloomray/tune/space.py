@@ -1,0 +1,88 @@
+"""The search space: config keys -> Ray Tune distributions, checked before any trial runs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import tune
+
+from bloomray.config import Config, ConfigError, apply_override, config_from_dict
+
+# Data is prepared once per search and shared by every trial, so it cannot vary per trial;
+# the rest describe the search itself or where it runs.
+FROZEN_SECTIONS = ("data", "tune", "select", "ray", "output", "scaling")
+
+
+def check_space(cfg: Config) -> None:
+    """Every searched key must exist and accept the values the search may draw.
+
+    Raises:
+        ConfigError: unknown key, frozen section, or a value the config rejects.
+    """
+    if not cfg.tune.space:
+        raise ConfigError("tune.space is empty: give at least one key to search, e.g. train.lr")
+    base = cfg.model_dump(mode="json")
+    for key, param in cfg.tune.space.items():
+        if key.split(".")[0] in FROZEN_SECTIONS:
+            raise ConfigError(
+                f"tune.space.{key}: the {key.split('.')[0]} section cannot vary per trial "
+                f"(searchable: model, train, deepspeed, prune)"
+            )
+        probes = (
+            [param.low, param.high] if param.type in ("loguniform", "uniform") else list(param.values or [])
+        )
+        for value in probes:
+            trial = _copy(base)
+            apply_override(trial, f"{key}={_yaml(value)}")
+            _check_known_key(trial, key)
+            try:
+                config_from_dict(trial)
+            except ConfigError as exc:
+                raise ConfigError(
+                    f"tune.space.{key}: value {value!r} is not a valid config:\n{exc}"
+                ) from None
+
+
+def _check_known_key(raw: dict[str, Any], key: str) -> None:
+    node: Any = Config.model_fields
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"tune.space.{key}: {part!r} is not a config key")
+        field = node[part]
+        ann = field.annotation
+        node = ann.model_fields if isinstance(ann, type) and hasattr(ann, "model_fields") else None
+
+
+def _copy(raw: dict[str, Any]) -> dict[str, Any]:
+    return {k: _copy(v) if isinstance(v, dict) else v for k, v in raw.items()}
+
+
+def _yaml(value: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def param_space(cfg: Config) -> dict[str, Any]:
+    """Tune's ``param_space``: one entry per searched key (dots kept in the names)."""
+    space: dict[str, Any] = {}
+    for key, p in cfg.tune.space.items():
+        if p.type == "loguniform":
+            space[key] = tune.loguniform(p.low, p.high)
+        elif p.type == "uniform":
+            space[key] = tune.uniform(p.low, p.high)
+        elif p.type == "choice":
+            space[key] = tune.choice(p.values)
+        else:
+            space[key] = tune.grid_search(p.values)
+    return space
+
+
+def trial_config(base: dict[str, Any], params: dict[str, Any]) -> Config:
+    """The base config with one trial's sampled values applied."""
+    raw = _copy(base)
+    for key, value in params.items():
+        if key in ("__trial_index__",):
+            continue
+        apply_override(raw, f"{key}={_yaml(value)}")
+    return config_from_dict(raw)

@@ -1,0 +1,99 @@
+"""A 4-trial Ray Tune search with ASHA on the tiny preset: outputs, retries, winner selection."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from bloomray.config import ConfigError, load_config
+from bloomray.model.build import count_parameters
+from bloomray.model.load import load_model
+from bloomray.tune.driver import run_tune
+
+pytestmark = pytest.mark.integration
+
+SMALL_SEARCH = [
+    "model.preset=tiny",
+    "data.tokenizer.vocab_size=512",
+    "data.block_size=32",
+    "train.max_steps=16",
+    "train.log_every=4",
+    "train.checkpoint_every=16",
+    "train.eval_max_batches=2",
+    "prune.update_every=2",
+    "tune.num_samples=1",
+    "tune.search=grid",
+    "tune.grace_period=2",
+    "train.max_failures=0",
+    # Four trials: two sparsities x two global batches. 65536 blocks per step is more than the
+    # corpus holds, which only the trial can find out (it depends on the data), so those two
+    # trials fail on every attempt, are retried, then reported.
+    "tune.space={train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-2}, "
+    "prune.final_sparsity: {type: grid, values: [0.25, 0.75]}, "
+    "train.global_batch_size: {type: grid, values: [16, 65536]}}",
+]
+
+
+@pytest.fixture(scope="module")
+def search(tmp_path_factory, ray_local):
+    out = tmp_path_factory.mktemp("tune") / "search"
+    cfg = load_config("tune-tiny-cpu", SMALL_SEARCH)
+    return out, run_tune(cfg, out)
+
+
+def test_search_writes_every_output(search):
+    out, summary = search
+    for name in ("trials.csv", "pareto.png", "lr_vs_quality.png", "summary.json", "winner/README.md"):
+        assert (out / name).exists(), name
+    rows = list(csv.DictReader((out / "trials.csv").open()))
+    assert len(rows) == 4
+    assert {r["status"] for r in rows} <= {"COMPLETED", "STOPPED_EARLY", "ERROR"}
+    assert sum(r["winner"] == "True" for r in rows) == 1
+    assert json.loads((out / "summary.json").read_text())["winner_dir"] == str(out / "winner")
+
+
+def test_failed_trials_are_retried_and_reported(search):
+    out, summary = search
+    rows = list(csv.DictReader((out / "trials.csv").open()))
+    failed = [r for r in rows if r["status"] == "ERROR"]
+    assert len(failed) == 2
+    assert all(r["train.global_batch_size"] == "65536" for r in failed)
+    assert all(int(r["attempts"]) == 2 for r in failed)  # first try + tune.max_failures=1 retry
+    assert all("global_batch_size" in r["error"] for r in failed)
+    assert {f["trial_id"] for f in summary["failed"]} == {r["trial_id"] for r in failed}
+    assert summary["completed"] + summary["stopped_early"] == 2
+
+
+def test_winner_is_a_smaller_faster_servable_model(search):
+    out, summary = search
+    winner = load_model(out / "winner")
+    dense = load_model(
+        next(r for r in csv.DictReader((out / "trials.csv").open()) if r["winner"] == "True")["model_dir"]
+    )
+    assert count_parameters(winner) == count_parameters(dense)  # winner/ is a copy of that trial's export
+    config = json.loads((out / "winner" / "config.json").read_text())
+    assert "bloomray_compact" in config  # structured pruning compacted into smaller shapes
+    full = config["n_head"] * config["n_layer"]
+    assert sum(len(h) for h in config["bloomray_compact"]["heads"]) < full
+    assert summary["winner"]["latency_ms"] > 0 and summary["winner"]["eval_loss"] is not None
+    ids = torch.randint(0, config["vocab_size"], (1, 8))
+    assert winner.generate(input_ids=ids, max_new_tokens=4, do_sample=False).shape == (1, 12)
+    card = (out / "winner" / "README.md").read_text()
+    assert "Selected by bloomray tune" in card and "## Pruning" in card
+
+
+def test_impossible_range_fails_before_ray(tmp_path):
+    with pytest.raises(ConfigError, match="low=0.1 must be below high=0.01"):
+        load_config("tune-tiny-cpu", ["tune.space={train.lr: {type: loguniform, low: 0.1, high: 0.01}}"])
+    cfg = load_config("tune-tiny-cpu", ["tune.space={data.block_size: {type: choice, values: [64, 128]}}"])
+    with pytest.raises(ConfigError, match="cannot vary per trial"):
+        run_tune(cfg, tmp_path / "x")
+    cfg = load_config(
+        "tune-tiny-cpu", ["tune.space={prune.final_sparsity: {type: choice, values: [0.5, 1.5]}}"]
+    )
+    with pytest.raises(ConfigError, match="1.5"):
+        run_tune(cfg, tmp_path / "y")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
