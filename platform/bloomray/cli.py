@@ -77,6 +77,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train, task=None)
 
     p = sub.add_parser(
+        "tune",
+        help="Ray Tune search over learning rate and sparsity schedules",
+        description="Search tune.space (ASHA on the quality metric, failed trials retried), measure every "
+        "finished trial's export, and write DIR/{trials.csv,pareto.png,lr_vs_quality.png,winner/,summary.json}.",
+    )
+    p.add_argument(
+        "--config", default="tune-tiny-cpu", help="YAML file or preset name (default: tune-tiny-cpu)"
+    )
+    p.add_argument("--output", help="search dir (default: output.dir of the config)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set tune.num_samples=8 (repeatable)",
+    )
+    p.add_argument(
+        "--resume", metavar="DIR", help="continue the interrupted search in DIR with its saved config"
+    )
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser(
+        "serve",
+        help="serve a model dir on Ray Serve (OpenAI-style HTTP, batching, autoscaling)",
+        description="Start the Serve app of serve/config.yaml for --model DIR on a local Ray, or attach it to a "
+        "cluster with --address. API keys come from BLOOMRAY_API_KEYS or BLOOMRAY_API_KEYS_FILE "
+        "(else ~/.bloomray/api_keys is created).",
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="[NAME=]DIR",
+        help="model dir to serve (repeatable; NAME=DIR serves several variants, chosen by the "
+        "request's model field)",
+    )
+    p.add_argument("--config", default=None, help="Serve config YAML (default: serve/config.yaml)")
+    p.add_argument("--port", type=int, help="HTTP port (default: the config's, 8000)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
         "export",
         help="consolidate a DeepSpeed checkpoint into an HF model dir",
         description="Consolidate ZeRO shards into safetensors + config + tokenizer + model card. "
@@ -130,6 +174,18 @@ def cmd_tune(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, overrides)
         summary = run_tune(cfg, Path(args.output or cfg.output.dir))
     print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from bloomray.serving.run import DEFAULT_CONFIG, serve_forever, start_server
+
+    models = {}
+    for i, item in enumerate(args.model):
+        name, sep, path = item.partition("=")
+        models[name if sep else ("default" if i == 0 else Path(item).name)] = path if sep else item
+    url = start_server(models or None, args.config or DEFAULT_CONFIG, args.port, args.address)
+    serve_forever(url)
     return 0
 
 

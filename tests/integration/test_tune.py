@@ -26,7 +26,7 @@ SMALL_SEARCH = [
     "prune.update_every=2",
     "tune.num_samples=1",
     "tune.search=grid",
-    "tune.grace_period=2",
+    "tune.grace_period=3",
     "train.max_failures=0",
     # Four trials: two sparsities x two global batches. 65536 blocks per step is more than the
     # corpus holds, which only the trial can find out (it depends on the data), so those two
