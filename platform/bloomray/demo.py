@@ -1,9 +1,17 @@
-"""The end-to-end demo on the embedded corpus (``bloomray demo`` / ``make demo``)."""
+"""The end-to-end demo on the embedded corpus (``bloomray demo`` / ``make demo``).
+
+pretrain a small BLOOM -> Tune search over learning rate and structured-pruning schedules
+-> the winner, compacted -> served on Ray Serve (int8, autoscaling) -> real HTTP requests
+-> shut down. About 10 minutes on 2 CPU cores.
+"""
 
 from __future__ import annotations
 
+import csv
 import json
+import os
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -11,39 +19,136 @@ from bloomray.config import load_config
 from bloomray.train.run import run_training
 
 
-def run_demo(output: Path, overrides: list[str] | None = None) -> dict:
-    """Pretrain the tiny-cpu preset on the embedded corpus and show what came out.
+def _banner(text: str) -> None:
+    print(f"\n{'=' * 8} {text} {'=' * max(4, 70 - len(text))}", flush=True)
 
-    The output dir is replaced on every run, so ``make demo`` can be run again.
-    """
+
+def run_demo(output: Path, overrides: list[str] | None = None, trials: int = 4) -> dict:
+    """Run every stage; the output dir is replaced, so ``make demo`` can run again."""
+    import ray
+
     output = output.expanduser().resolve()
     if output.exists():
         shutil.rmtree(output)
-    cfg = load_config("tiny-cpu", overrides)
     start = time.time()
+
+    _banner("1/4 pretrain: small BLOOM on the embedded corpus (Ray Train + DeepSpeed ZeRO-2 bf16)")
+    cfg = load_config("tiny-cpu", overrides)
+    pre = run_training(cfg, output / "pretrain")
     print(
-        f"[demo] pretraining BLOOM ({cfg.model.preset}) on the embedded corpus with "
-        f"{cfg.scaling.num_workers} Ray Train workers, DeepSpeed ZeRO-{cfg.deepspeed.zero_stage} "
-        f"{cfg.deepspeed.precision}, {cfg.train.max_steps} steps ...",
+        f"[demo] pretrained: eval loss {pre['initial_eval_loss']:.3f} -> {pre['eval_loss']:.3f} "
+        f"in {pre['steps']} steps, {pre['tokens_per_s']:,.0f} tok/s",
         flush=True,
     )
-    summary = run_training(cfg, output / "pretrain")
-    took = time.time() - start
-    _generate_sample(Path(summary["model_dir"]))
-    print(json.dumps({k: v for k, v in summary.items() if k != "data"}, indent=2))
-    print(f"[demo] done in {took:.0f}s. Artifacts:")
-    print(f"  model (HF dir):   {summary['model_dir']}")
-    print(f"  summary:          {output / 'pretrain' / 'summary.json'}")
-    print(f"  checkpoints:      {output / 'pretrain' / 'checkpoints'}")
-    print(f"  logs:             {output / 'pretrain' / 'logs'}  (tensorboard --logdir ...)")
-    return summary
+
+    _banner(f"2/4 tune: {trials} trials of learning rate x structured-pruning schedule (Ray Tune, ASHA)")
+    from bloomray.tune.driver import run_tune
+
+    tcfg = load_config(
+        "tune-tiny-cpu",
+        [
+            f"model.path={pre['model_dir']}",
+            f"tune.num_samples={trials}",
+            "train.max_steps=30",
+            "train.warmup_steps=2",
+        ],
+    )
+    search = run_tune(tcfg, output / "tune")
+    _print_pareto(output / "tune" / "trials.csv", search)
+
+    _banner("3/4 serve: the winner, int8, autoscaling 1-2 replicas, OpenAI-style HTTP")
+    from ray import serve
+
+    from bloomray.serving.run import DEFAULT_CONFIG, start_server
+
+    os.environ.setdefault("BLOOMRAY_API_KEYS", os.urandom(16).hex())
+    port = _free_port()
+    url = start_server(
+        {"winner": search["winner_dir"]},
+        DEFAULT_CONFIG,
+        port=port,
+        host="127.0.0.1",
+        deployment_overrides={
+            "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4}
+        },
+    )
+    print(f"[demo] serving at {url}", flush=True)
+
+    _banner("4/4 requests over real HTTP")
+    _send_requests(url, os.environ["BLOOMRAY_API_KEYS"].split(",")[0])
+    serve.shutdown()
+    ray.shutdown()
+
+    print(f"\n[demo] done in {time.time() - start:.0f}s. Artifacts:")
+    for label, path in [
+        ("pretrained model", pre["model_dir"]),
+        ("pretrain summary", output / "pretrain" / "summary.json"),
+        ("checkpoints", output / "pretrain" / "checkpoints"),
+        ("training logs", output / "pretrain" / "logs"),
+        ("trials", output / "tune" / "trials.csv"),
+        ("Pareto plot", output / "tune" / "pareto.png"),
+        ("lr vs quality plot", output / "tune" / "lr_vs_quality.png"),
+        ("winner model", search["winner_dir"]),
+        ("search summary", output / "tune" / "summary.json"),
+    ]:
+        print(f"  {label:<20} {path}")
+    return {"pretrain": pre, "tune": search}
 
 
-def _generate_sample(model_dir: Path, prompt: str = "The for statement") -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _print_pareto(trials_csv: Path, search: dict) -> None:
+    rows = list(csv.DictReader(trials_csv.open()))
+    print(
+        f"\n{'trial':<12} {'status':<14} {'lr':>9} {'sparsity':>8} {'eval_loss':>9} {'latency ms':>10} "
+        f"{'params':>9}  pareto winner"
+    )
+    for r in rows:
 
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
-    ids = tok(prompt, return_tensors="pt")
-    out = model.generate(**ids, max_new_tokens=30, do_sample=False, pad_token_id=tok.pad_token_id)
-    print(f"[demo] sample (greedy): {tok.decode(out[0], skip_special_tokens=True)!r}")
+        def num(k: str, fmt: str, r: dict = r) -> str:
+            return format(float(r[k]), fmt) if r.get(k) else "-"
+
+        print(
+            f"{r['trial_id']:<12} {r['status']:<14} {num('train.lr', '.2e'):>9} {num('sparsity', '.2f'):>8} "
+            f"{num('eval_loss', '.3f'):>9} {num('latency_ms', '.2f'):>10} {r.get('parameters') or '-':>9}  "
+            f"{'*' if r.get('pareto') == 'True' else '':^6} {'<==' if r.get('winner') == 'True' else ''}"
+        )
+    print(f"[demo] winner: {search['selection']}", flush=True)
+
+
+def _send_requests(url: str, key: str) -> None:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {key}"}
+    body = {"model": "winner", "prompt": "The for statement", "max_tokens": 24, "temperature": 0}
+    r = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=120)
+    print(
+        f"[demo] POST /v1/completions -> {r.status_code}: {json.dumps(r.json()['choices'][0]['text'])} "
+        f"usage={r.json()['usage']}"
+    )
+    print("[demo] POST /v1/completions stream=true -> ", end="", flush=True)
+    with httpx.stream(
+        "POST",
+        f"{url}/v1/completions",
+        json={**body, "prompt": "A class is", "stream": True},
+        headers=headers,
+        timeout=120,
+    ) as s:
+        for line in s.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                print(json.loads(line[6:])["choices"][0]["text"], end="", flush=True)
+            elif line == "data: [DONE]":
+                print("  [DONE]")
+    bad = httpx.post(
+        f"{url}/v1/completions",
+        json={"model": "winner", "prompt": "", "max_tokens": 5},
+        headers=headers,
+        timeout=60,
+    )
+    print(f"[demo] bad request (empty prompt) -> {bad.status_code}: {bad.json()['error']['message']}")
+    unauth = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+    print(f"[demo] no API key -> {unauth.status_code}: {unauth.json()['error']['message']}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

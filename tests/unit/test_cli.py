@@ -18,7 +18,9 @@ VERB_OPTIONS = {
     "pretrain": ["--config", "--output", "--set", "--resume", "--address"],
     "finetune": ["--config", "--output", "--set", "--resume", "--address"],
     "export": ["--checkpoint", "--output", "--overwrite"],
-    "demo": ["--output", "--set"],
+    "demo": ["--output", "--set", "--trials"],
+    "tune": ["--config", "--output", "--set", "--resume", "--address"],
+    "serve": ["--model", "--config", "--port", "--address"],
 }
 
 
@@ -213,7 +215,10 @@ def test_demo_passes_output_and_overrides(tmp_path: Path, capsys, monkeypatch):
     import bloomray.demo as demo
 
     calls = []
-    monkeypatch.setattr(demo, "run_demo", lambda output, overrides: calls.append((output, overrides)))
-    code, _, _ = run_main(["demo", "--output", str(tmp_path / "d"), "--set", "train.max_steps=2"], capsys)
+    monkeypatch.setattr(
+        demo, "run_demo", lambda output, overrides, trials: calls.append((output, overrides, trials))
+    )
+    argv = ["demo", "--output", str(tmp_path / "d"), "--set", "train.max_steps=2", "--trials", "2"]
+    code, _, _ = run_main(argv, capsys)
     assert code == 0
-    assert calls == [(tmp_path / "d", ["train.max_steps=2"])]
+    assert calls == [(tmp_path / "d", ["train.max_steps=2"], 2)]
