@@ -70,3 +70,30 @@ def test_masks_hold_in_fp32_masters_under_zero(stage, tmp_path, ray_local):
     assert abs(m["sparsity"] - 0.5) < 0.01
     card = (out / "model" / "README.md").read_text()
     assert "## Pruning" in card and "unstructured magnitude" in card and "| layer | sparsity |" in card
+
+
+@pytest.mark.parametrize(
+    ("stage", "extra"),
+    [
+        (2, ["prune.method=structured", "prune.structure=mlp+heads", "prune.importance=taylor"]),
+        (1, ["prune.method=2:4"]),
+    ],
+    ids=["structured-taylor-zero2", "2to4-zero1"],
+)
+def test_structured_taylor_and_2to4_masks_hold(stage, extra, tmp_path, ray_local):
+    out = tmp_path / "run"
+    summary = run_training(load_config("tiny-cpu", [*PRUNE, f"deepspeed.zero_stage={stage}", *extra]), out)
+    ckpt = Path(summary["checkpoint"])
+    masks = torch.load(ckpt / HOOKS_FILE, weights_only=False)[0]["masks"]
+    masters = consolidated_state_dict(ckpt)
+    for name, mask in masks.items():
+        assert torch.count_nonzero(masters[name][mask == 0]) == 0, name
+    if "prune.method=2:4" in extra:
+        w = masters[next(n for n in masks if n.endswith("dense_h_to_4h.weight"))]
+        assert ((w != 0).reshape(w.shape[0], -1, 4).sum(-1) <= 2).all()  # 2 of every 4
+        assert abs(summary["sparsity"] - 0.5) < 0.01
+    else:
+        # whole neurons went, so the export is compacted into smaller shapes
+        config = json.loads((out / "model" / "config.json").read_text())
+        assert "bloomray_compact" in config
+        assert summary["export"]["parameters"] < summary["export"]["parameters_dense"]

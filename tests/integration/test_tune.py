@@ -11,7 +11,7 @@ import torch
 from bloomray.config import ConfigError, load_config
 from bloomray.model.build import count_parameters
 from bloomray.model.load import load_model
-from bloomray.tune.driver import run_tune
+from bloomray.tune.driver import resume_tune, run_tune
 
 pytestmark = pytest.mark.integration
 
@@ -97,3 +97,12 @@ def test_impossible_range_fails_before_ray(tmp_path):
     with pytest.raises(ConfigError, match="1.5"):
         run_tune(cfg, tmp_path / "y")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_resume_of_a_search_keeps_its_trials_and_winner(search):
+    out, summary = search
+    again = resume_tune(out)
+    assert again["trials"] == summary["trials"]
+    assert again["winner"]["trial_id"] == summary["winner"]["trial_id"]
+    with pytest.raises(ConfigError, match="--resume"):
+        run_tune(load_config("tune-tiny-cpu", SMALL_SEARCH), out)
