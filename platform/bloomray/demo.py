@@ -69,7 +69,8 @@ def run_demo(output: Path, overrides: list[str] | None = None, trials: int = 4) 
         port=port,
         host="127.0.0.1",
         deployment_overrides={
-            "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4}
+            "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4},
+            "logging_config": {"enable_access_log": False},  # keep the demo's console readable
         },
     )
     print(f"[demo] serving at {url}", flush=True)
