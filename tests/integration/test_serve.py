@@ -236,6 +236,29 @@ def test_full_queue_answers_503_with_retry_after(server):
     assert r503.headers["retry-after"] == "1" and r503.json()["error"]["code"] == "queue_full"
 
 
+def test_generation_past_the_timeout_answers_504(server, model_dirs):
+    from ray import serve
+
+    url, _ = server
+    lm, _ = model_dirs
+    base = start_server(
+        {"tiny": str(lm)},
+        DEFAULT_CONFIG,
+        port=int(url.rsplit(":", 1)[1]),
+        host="127.0.0.1",
+        name="slow",
+        route_prefix="/slow",
+        overrides={"quantize": "none", "request_timeout_s": 0.05, "max_context": 128},
+        deployment_overrides={"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}},
+    )
+    try:
+        r = _post(base, "/v1/completions", {"model": "tiny", "prompt": "Slow", "max_tokens": 64})
+        assert r.status_code == 504, r.text
+        assert r.json()["error"]["code"] == "timeout" and "Traceback" not in r.text
+    finally:
+        serve.delete("slow")
+
+
 # --------------------------------------------------------------------------- scaling and faults
 
 

@@ -106,3 +106,22 @@ def test_resume_of_a_search_keeps_its_trials_and_winner(search):
     assert again["winner"]["trial_id"] == summary["winner"]["trial_id"]
     with pytest.raises(ConfigError, match="--resume"):
         run_tune(load_config("tune-tiny-cpu", SMALL_SEARCH), out)
+
+
+def test_optuna_search_with_asha_completes(tmp_path, ray_local):
+    cfg = load_config(
+        "tune-tiny-cpu",
+        [
+            *SMALL_SEARCH[:8],
+            "tune.search=optuna",
+            "tune.num_samples=2",
+            "tune.grace_period=3",
+            "tune.space={train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-2}, "
+            "prune.final_sparsity: {type: uniform, low: 0.2, high: 0.6}}",
+        ],
+    )
+    summary = run_tune(cfg, tmp_path / "optuna")
+    assert summary["trials"] == 2 and summary["completed"] >= 1
+    rows = list(csv.DictReader((tmp_path / "optuna" / "trials.csv").open()))
+    assert len({r["train.lr"] for r in rows}) == 2  # Optuna proposed two different points
+    assert (tmp_path / "optuna" / "winner" / "config.json").exists()
