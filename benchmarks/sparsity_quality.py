@@ -28,6 +28,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -198,6 +199,7 @@ def train_all(plan: list[tuple[Dataset, list[Variant]]], tmp: Path) -> dict[tupl
                 summaries[(ds.key, v.key)] = summary
     finally:
         ray.shutdown()
+        time.sleep(15)  # let Ray's processes finish exiting before anything is timed
     return summaries
 
 
@@ -378,7 +380,7 @@ def main() -> int:
         print(f"[bench] SST-2 not found: need {SST2}/train.tsv and dev.tsv", file=sys.stderr)
         return 2
     by_key = {v.key: v for v in VARIANTS}
-    rounds, repeats = (1, 5) if args.quick else (3, 20)
+    rounds, repeats = (1, 5) if args.quick else (5, 30)
     torch.set_num_threads(THREADS)
     with tempfile.TemporaryDirectory(prefix="bloomray-sparsity-", ignore_cleanup_errors=True) as tmp:
         lm, sst2 = datasets(args.quick, sst2_eval_file(Path(tmp)))

@@ -317,6 +317,7 @@ def auto_app(server, model_dirs):
                 "target_ongoing_requests": 1,
                 "upscale_delay_s": 0.5,
                 "downscale_delay_s": 3,
+                "metrics_interval_s": 0.5,
                 "look_back_period_s": 1,
             },
             "max_ongoing_requests": 8,
