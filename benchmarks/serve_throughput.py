@@ -29,10 +29,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
-import datetime
 import json
 import os
-import platform
 import secrets
 import socket
 import subprocess
@@ -47,6 +45,7 @@ from typing import Any
 import httpx
 import numpy as np
 import torch
+from _results import RESULTS, append_results, machine_line  # noqa: E402 - benchmarks/ is on sys.path
 
 from bloomray.config import PruneConfig, TokenizerConfig
 from bloomray.data.corpus import embedded_documents
@@ -57,7 +56,6 @@ from bloomray.prune.masks import structured_masks, target_names
 from bloomray.serving.run import DEFAULT_CONFIG, read_serve_config
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 PLAIN_APP_DIR = ROOT / "benchmarks"  # holds _plain_server.py
 HOST = "127.0.0.1"
 RAY_CPUS = 4  # logical CPUs: room for (c)'s second replica (2 x THREADS)
@@ -537,27 +535,6 @@ def check_targets(runs: dict[str, dict[str, Pass]]) -> list[str]:
             f"{b[f'c{conc}'].tokens_per_s() / a[f'c{conc}'].tokens_per_s():.2f}x (no target)"
         )
     return lines
-
-
-def machine_line() -> str:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "n/a"
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return f"{now}: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, commit {commit}"
-
-
-def append_results(section: str) -> None:
-    if not RESULTS.exists():
-        RESULTS.write_text(
-            "# Benchmark results\n\nAppended by the scripts in benchmarks/ (newest last). Each section's "
-            "ratios are measured in one run on one box; compare ratios, not absolute numbers across boxes.\n"
-        )
-    with RESULTS.open("a") as f:
-        f.write("\n" + section + "\n")
 
 
 # --------------------------------------------------------------------------- main

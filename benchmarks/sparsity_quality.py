@@ -22,10 +22,6 @@ a few steps and two variants per dataset to check the script, and writes nothing
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,11 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _results import RESULTS, append_results, machine_line  # noqa: E402 - benchmarks/ is on sys.path
 
 from bloomray.config import load_config
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 SST2 = Path("/work/shared/data/sst2")
 RAY_CPUS = 4  # logical CPUs: 2 training workers plus room for Train's controller
 THREADS = 2  # torch threads for the latency measurements (the box's cores)
@@ -348,27 +343,6 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
-
-
-def machine_line() -> str:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "n/a"
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return f"{now}: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, commit {commit}"
-
-
-def append_results(section: str) -> None:
-    if not RESULTS.exists():
-        RESULTS.write_text(
-            "# Benchmark results\n\nAppended by the scripts in benchmarks/ (newest last). Each section's "
-            "ratios are measured in one run on one box; compare ratios, not absolute numbers across boxes.\n"
-        )
-    with RESULTS.open("a") as f:
-        f.write("\n" + section + "\n")
 
 
 # --------------------------------------------------------------------------- main

@@ -17,10 +17,7 @@ benchmarks/RESULTS.md. ``--quick`` runs a few steps to check the script and writ
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _results import RESULTS, append_results, machine_line  # noqa: E402 - benchmarks/ is on sys.path
 
 from bloomray.config import Config, load_config
 from bloomray.data.prepare import PreparedData, prepare_data
@@ -36,8 +34,6 @@ from bloomray.train.batches import ShardedBatches
 from bloomray.train.engine import build_optimizer, build_scheduler
 from bloomray.train.metrics import flops_per_token, matmul_params, measure_peak_flops, peak_memory_mb
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 RAY_CPUS = 4  # logical CPUs: (b) needs 2, (c) needs 2; room for Train's controller
 THREADS = 2  # (a)'s torch threads == (b)'s scaling.cpus_per_worker (Ray sets OMP_NUM_THREADS from it)
 MICRO, GLOBAL = 4, 16
@@ -338,27 +334,6 @@ def check_targets(
         f"{max(zero2['optim_mb']):.1f} MB (largest rank): {100 * reduction:.1f}% less "
         f"(target >= {100 * ZERO_REDUCTION_TARGET:.0f}%: {ok[reduction >= ZERO_REDUCTION_TARGET]})",
     ]
-
-
-def machine_line() -> str:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "n/a"
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return f"{now}: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, commit {commit}"
-
-
-def append_results(section: str) -> None:
-    if not RESULTS.exists():
-        RESULTS.write_text(
-            "# Benchmark results\n\nAppended by the scripts in benchmarks/ (newest last). Each section's "
-            "ratios are measured in one run on one box; compare ratios, not absolute numbers across boxes.\n"
-        )
-    with RESULTS.open("a") as f:
-        f.write("\n" + section + "\n")
 
 
 # --------------------------------------------------------------------------- main
