@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -35,3 +36,22 @@ def append_results(section: str) -> None:
         )
     with RESULTS.open("a") as f:
         f.write("\n" + section + "\n")
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table whose columns are the keys of the first row."""
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def report(name: str, body: list[str], quick: bool) -> None:
+    """Print a dated section; append it to RESULTS.md unless it is a ``--quick`` check."""
+    section = "\n".join([f"## {name}: {machine_line()}{' (--quick)' if quick else ''}", "", *body])
+    print("\n" + section, flush=True)
+    if quick:
+        print("\n[bench] --quick: RESULTS.md left unchanged")
+    else:
+        append_results(section)
+        print(f"\n[bench] appended to {RESULTS}")

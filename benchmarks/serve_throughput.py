@@ -45,7 +45,7 @@ from typing import Any
 import httpx
 import numpy as np
 import torch
-from _results import RESULTS, append_results, machine_line  # noqa: E402 - benchmarks/ is on sys.path
+from _results import markdown_table, report  # benchmarks/ is on sys.path when run as a script
 
 from bloomray.config import PruneConfig, TokenizerConfig
 from bloomray.data.corpus import embedded_documents
@@ -511,13 +511,6 @@ def describe(
     ]
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    cols = list(rows[0])
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def check_targets(runs: dict[str, dict[str, Pass]]) -> list[str]:
     a, b, c = runs["(a)"], runs["(b)"], runs["(c)"]
     hi = max(CONCURRENCY)
@@ -577,23 +570,17 @@ def main() -> int:
     notes = describe(
         models, prompts, lens, dropped, counts, warmup, probe, scaling, runs, (load_start, os.getloadavg()[0])
     )
-    section = "\n".join(
+    report(
+        "serve_throughput",
         [
-            f"## serve_throughput: {machine_line()}{' (--quick)' if args.quick else ''}",
-            "",
             *notes,
             "",
             markdown_table(build_rows(runs)),
             "",
             *check_targets(runs),
-        ]
+        ],
+        args.quick,
     )
-    print("\n" + section, flush=True)
-    if args.quick:
-        print("\n[bench] --quick: RESULTS.md left unchanged")
-    else:
-        append_results(section)
-        print(f"\n[bench] appended to {RESULTS}")
     return 0
 
 

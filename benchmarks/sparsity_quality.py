@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _results import RESULTS, append_results, machine_line  # noqa: E402 - benchmarks/ is on sys.path
+from _results import markdown_table, report  # benchmarks/ is on sys.path when run as a script
 
 from bloomray.config import load_config
 
@@ -338,13 +338,6 @@ def describe(
     return lines
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    cols = list(rows[0])
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -368,22 +361,16 @@ def main() -> int:
     tables = []
     for ds, variants in plan:
         tables += [f"### {ds.title}", "", markdown_table(build_rows(ds, variants, summaries, lat)), ""]
-    section = "\n".join(
+    report(
+        "sparsity_quality",
         [
-            f"## sparsity_quality: {machine_line()}{' (--quick)' if args.quick else ''}",
-            "",
             *describe(plan, summaries, rounds, repeats),
             "",
             *tables,
             *check_targets(plan, summaries, lat),
-        ]
+        ],
+        args.quick,
     )
-    print("\n" + section, flush=True)
-    if args.quick:
-        print("\n[bench] --quick: RESULTS.md left unchanged")
-    else:
-        append_results(section)
-        print(f"\n[bench] appended to {RESULTS}")
     return 0
 
 

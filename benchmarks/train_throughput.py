@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _results import RESULTS, append_results, machine_line  # noqa: E402 - benchmarks/ is on sys.path
+from _results import markdown_table, report  # benchmarks/ is on sys.path when run as a script
 
 from bloomray.config import Config, load_config
 from bloomray.data.prepare import PreparedData, prepare_data
@@ -310,13 +310,6 @@ def describe(
     return notes
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    cols = list(rows[0])
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def check_targets(
     plain: dict[str, Any], pure: dict[str, Any], zero0: dict[str, Any], zero2: dict[str, Any]
 ) -> list[str]:
@@ -366,23 +359,17 @@ def main() -> int:
     zero0, zero2, omp_b, omp_c = run_bloomray_pair(base, data, steps, log_every)
     rows = build_rows(plain, pure, zero0, zero2, fpt, peaks)
     notes = describe(data, n_params, fpt, peaks, (steps, log_every, plain_warmup), omp_b, omp_c)
-    section = "\n".join(
+    report(
+        "train_throughput",
         [
-            f"## train_throughput: {machine_line()}{' (--quick)' if args.quick else ''}",
-            "",
             *notes,
             "",
             markdown_table(rows),
             "",
             *check_targets(plain, pure, zero0, zero2),
-        ]
+        ],
+        args.quick,
     )
-    print("\n" + section, flush=True)
-    if args.quick:
-        print("\n[bench] --quick: RESULTS.md left unchanged")
-    else:
-        append_results(section)
-        print(f"\n[bench] appended to {RESULTS}")
     return 0
 
 

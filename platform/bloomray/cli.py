@@ -24,6 +24,21 @@ EPILOG = """examples:
 """
 
 
+def _add_set(p: argparse.ArgumentParser, example: str) -> None:
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a config value, e.g. --set {example} (repeatable)",
+    )
+
+
+def _add_address(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+
+
 def _add_run_args(p: argparse.ArgumentParser, default_config: str) -> None:
     p.add_argument(
         "--config",
@@ -31,21 +46,14 @@ def _add_run_args(p: argparse.ArgumentParser, default_config: str) -> None:
         help=f"YAML file or preset name in jobs/configs (default: {default_config})",
     )
     p.add_argument("--output", help="output dir (default: output.dir of the config)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set train.lr=3e-4 (repeatable)",
-    )
+    _add_set(p, "train.lr=3e-4")
     p.add_argument(
         "--resume",
         metavar="OUTPUT_DIR",
         help="continue the interrupted run in OUTPUT_DIR from its latest checkpoint "
         "(its saved config is used; --set still applies)",
     )
-    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    _add_address(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,18 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", default="tune-tiny-cpu", help="YAML file or preset name (default: tune-tiny-cpu)"
     )
     p.add_argument("--output", help="search dir (default: output.dir of the config)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set tune.num_samples=8 (repeatable)",
-    )
+    _add_set(p, "tune.num_samples=8")
     p.add_argument(
         "--resume", metavar="DIR", help="continue the interrupted search in DIR with its saved config"
     )
-    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    _add_address(p)
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser(
@@ -117,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", default=None, help="Serve config YAML (default: serve/config.yaml)")
     p.add_argument("--port", type=int, help="HTTP port (default: the config's, 8000)")
-    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    _add_address(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(
@@ -140,14 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output", default="outputs/demo", help="output dir (default: outputs/demo; replaced)")
     p.add_argument("--trials", type=int, default=4, help="Tune trials (default: 4)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a value of the pretraining config (tiny-cpu), e.g. --set train.max_steps=30",
-    )
+    _add_set(p, "train.max_steps=30 (the pretraining config, tiny-cpu)")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -320,7 +320,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
-    """Apply one ``a.b.c=value`` override to a nested dict in place."""
+    """Apply one ``a.b.c=value`` override (value parsed as YAML) to a nested dict in place."""
     key, sep, value = item.partition("=")
     key = key.strip()
     if not sep or not key:
@@ -329,14 +329,19 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         parsed = yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError:
         parsed = value
+    set_key(raw, key, parsed)
+
+
+def set_key(raw: dict[str, Any], key: str, value: Any) -> None:
+    """Set the dotted ``key`` of a nested dict in place, creating sections on the way."""
     node = raw
     parts = key.split(".")
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+            raise ConfigError(f"cannot set {key!r}: {part!r} is a value, not a section")
         node = child
-    node[parts[-1]] = parsed
+    node[parts[-1]] = value
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:

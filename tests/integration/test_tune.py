@@ -70,10 +70,10 @@ def test_failed_trials_are_retried_and_reported(search):
 def test_winner_is_a_smaller_faster_servable_model(search):
     out, summary = search
     winner = load_model(out / "winner")
-    dense = load_model(
+    source = load_model(
         next(r for r in csv.DictReader((out / "trials.csv").open()) if r["winner"] == "True")["model_dir"]
     )
-    assert count_parameters(winner) == count_parameters(dense)  # winner/ is a copy of that trial's export
+    assert count_parameters(winner) == count_parameters(source)  # winner/ is a copy of that trial's export
     config = json.loads((out / "winner" / "config.json").read_text())
     assert "bloomray_compact" in config  # structured pruning compacted into smaller shapes
     full = config["n_head"] * config["n_layer"]

@@ -110,6 +110,25 @@ def resolve_model_config(
     return config.to_dict()
 
 
+def add_lora(model: PreTrainedModel, task: str, lora: dict[str, Any]) -> Any:
+    """Wrap ``model`` with peft LoRA adapters (r, alpha, dropout, target_modules from ``lora``).
+
+    Only the adapters (and a classifier head) train; used for training and, with the same
+    settings from the checkpoint, to rebuild the module the checkpoint's weights belong to.
+    """
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    task_type = TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM
+    config = LoraConfig(
+        task_type=task_type,
+        r=lora["r"],
+        lora_alpha=lora["alpha"],
+        lora_dropout=lora["dropout"],
+        target_modules=lora["target_modules"],
+    )
+    return get_peft_model(model, config)
+
+
 def count_parameters(model: torch.nn.Module) -> int:
     """Number of distinct parameters (tied weights counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

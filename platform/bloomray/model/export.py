@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, BloomConfig
 
-from bloomray.model.build import build_from_config, count_parameters, model_class
+from bloomray.model.build import add_lora, build_from_config, count_parameters, model_class
 from bloomray.model.card import write_model_card
 from bloomray.train.checkpoint import DS_TAG, PROBE_FILE, TOKENIZER_DIR, read_meta
 
@@ -33,17 +33,10 @@ def consolidated_state_dict(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
     tag_dir = checkpoint_dir / DS_TAG
     if not tag_dir.is_dir():
         raise ExportError(f"{checkpoint_dir} has no DeepSpeed checkpoint (missing {DS_TAG}/)")
-    if list(tag_dir.glob("*zero_pp_rank_*optim_states.pt")) and _zero_stage(tag_dir) > 0:
+    if read_meta(checkpoint_dir)["config"]["deepspeed"]["zero_stage"] > 0:
         return dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=DS_TAG))
     states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     return {k: v.float() for k, v in states["module"].items()}
-
-
-def _zero_stage(tag_dir: Path) -> int:
-    # ZeRO-3 names its files zero_pp_rank_R_mp_rank_00_model_states.pt; others mp_rank_00_...
-    first = sorted(tag_dir.glob("*model_states.pt"))[0]
-    states = torch.load(first, map_location="cpu", weights_only=False)
-    return int(states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))
 
 
 def load_checkpoint_model(checkpoint_dir: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -53,7 +46,7 @@ def load_checkpoint_model(checkpoint_dir: str | Path) -> tuple[torch.nn.Module, 
     config = BloomConfig.from_dict(meta["model_config"])
     model = build_from_config(meta["task"], config, seed=0)
     if meta.get("lora"):
-        model = _wrap_lora(model, meta)
+        model = add_lora(model, meta["task"], meta["lora"])
     state = consolidated_state_dict(ckpt)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the embeddings
@@ -65,23 +58,6 @@ def load_checkpoint_model(checkpoint_dir: str | Path) -> tuple[torch.nn.Module, 
         model = model.merge_and_unload()
     model.tie_weights()
     return model.eval(), meta
-
-
-def _wrap_lora(model: torch.nn.Module, meta: dict[str, Any]) -> torch.nn.Module:
-    from peft import LoraConfig, TaskType, get_peft_model
-
-    lc = meta["lora"]
-    task_type = TaskType.SEQ_CLS if meta["task"] == "classification" else TaskType.CAUSAL_LM
-    return get_peft_model(
-        model,
-        LoraConfig(
-            task_type=task_type,
-            r=lc["r"],
-            lora_alpha=lc["alpha"],
-            lora_dropout=lc["dropout"],
-            target_modules=lc["target_modules"],
-        ),
-    )
 
 
 def check_probe(model_dir: Path, checkpoint_dir: Path, dtype: torch.dtype) -> float | None:
@@ -162,7 +138,10 @@ def _write_model(model: torch.nn.Module, tmp: Path, prune_method: str) -> dict[s
     else:
         model.save_pretrained(str(tmp), safe_serialization=True)
     facts["parameters"] = count_parameters(model)
-    facts["latency_ms"] = forward_latency_ms(model)
+    # Only compaction changes the module; otherwise the dense timing is the exported one.
+    facts["latency_ms"] = (
+        forward_latency_ms(model) if prune_method == "structured" else facts["latency_ms_dense"]
+    )
     return facts
 
 
@@ -221,14 +200,14 @@ def export_checkpoint(
             "prune_method": prune_method,
         }
         write_model_card(tmp, meta, info)
-        _swap_into_place(tmp, out)
+        swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return info
 
 
-def _swap_into_place(tmp: Path, out: Path) -> None:
+def swap_into_place(tmp: Path, out: Path) -> None:
     """Rename ``tmp`` to ``out``; an existing ``out`` is moved aside first, then removed."""
     old = None
     if out.exists():

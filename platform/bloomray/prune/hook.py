@@ -41,7 +41,7 @@ class PruneHook:
     # Taylor importance needs gradients, which exist only between backward and step.
     def before_step(self, engine: Any, next_step: int) -> None:
         """Accumulate |w x grad| ahead of a mask update (collective under ZeRO 1-3)."""
-        if self.p.importance != "taylor" or self.p.method in ("none",):
+        if self.p.importance != "taylor":
             return
         window_start = self.schedule.start_step - self.p.update_every
         if not (window_start < next_step <= self.schedule.end_step):

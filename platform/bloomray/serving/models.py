@@ -57,11 +57,10 @@ def resolve_loader(spec: str | None) -> Loader | None:
 
 def task_of_dir(path: str) -> str:
     """causal_lm or classification from a model dir's config.json (cheap: no weights)."""
+    from bloomray.model.load import task_of
+
     cfg = Path(path) / "config.json"
-    if not cfg.exists():
-        return "causal_lm"
-    arch = (json.loads(cfg.read_text()).get("architectures") or [""])[0]
-    return "classification" if "SequenceClassification" in arch else "causal_lm"
+    return task_of(json.loads(cfg.read_text())) if cfg.exists() else "causal_lm"
 
 
 def make_served(name: str, model: Any, tokenizer: Any) -> Served:

@@ -9,7 +9,7 @@ import torch
 from transformers import BloomConfig, get_scheduler
 
 from bloomray.config import Config
-from bloomray.model.build import build_from_config, load_pretrained
+from bloomray.model.build import add_lora, build_from_config, load_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -55,26 +55,8 @@ def build_model(cfg: Config, model_config: dict[str, Any]) -> torch.nn.Module:
         model.config.use_cache = False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.model.lora.enabled:
-        model = apply_lora(model, cfg)
+        model = add_lora(model, cfg.task, cfg.model.lora.model_dump())
     return model
-
-
-def apply_lora(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
-    """Wrap ``model`` with peft LoRA adapters; only adapters (and a classifier head) train."""
-    from peft import LoraConfig, TaskType, get_peft_model
-
-    lc = cfg.model.lora
-    task_type = TaskType.SEQ_CLS if cfg.task == "classification" else TaskType.CAUSAL_LM
-    return get_peft_model(
-        model,
-        LoraConfig(
-            task_type=task_type,
-            r=lc.r,
-            lora_alpha=lc.alpha,
-            lora_dropout=lc.dropout,
-            target_modules=lc.target_modules,
-        ),
-    )
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -7,6 +7,7 @@ logging, eval and checkpointing at the configured intervals.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -250,8 +251,6 @@ def _flop_budget(
 def _sinks(cfg: Any, loop_cfg: dict[str, Any], rank: int, step: int) -> MetricSinks | None:
     if rank != 0:
         return None
-    from pathlib import Path
-
     return MetricSinks(
         Path(loop_cfg["log_dir"]),
         cfg.output.mlflow_tracking_uri,

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from bloomray.model.build import count_parameters
+
 log = logging.getLogger(__name__)
 
 
@@ -29,7 +31,7 @@ def flops_per_token(
 
 def matmul_params(model: torch.nn.Module, vocab_size: int, hidden: int, lm_head: bool) -> int:
     """Parameters that take part in matmuls (embedding lookup excluded, tied head added)."""
-    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    total = count_parameters(model)
     emb = vocab_size * hidden
     return total - emb + (emb if lm_head else 0)
 

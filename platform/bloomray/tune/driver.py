@@ -15,6 +15,7 @@ import json
 import logging
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from ray import tune
 
 from bloomray.config import Config, ConfigError, dump_config, load_config
 from bloomray.data.prepare import PreparedData, prepare_data
+from bloomray.model.export import swap_into_place
 from bloomray.raycluster import init_ray
 from bloomray.train.checkpoint import read_tokenizer_files
 from bloomray.tune.select import Candidate, choose_winner, pareto_front
@@ -55,7 +57,7 @@ def _trial(
     attempts.write_text(str(int(attempts.read_text()) + 1 if attempts.exists() else 1))
     dump_config(cfg, out / "config.yaml")
     summary = train_prepared(cfg, out, data, tok_dir, callbacks=[TuneReportCallback()])
-    final = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and v is not None}
+    final = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
     tune.report({**final, FINAL_KEY: 1, "model_dir": summary.get("model_dir", "")})
 
 
@@ -266,14 +268,12 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
 
 def copy_winner(src: Path, dst: Path, why: str) -> None:
     """Copy the winning export to ``dst`` atomically and note why it won in its card."""
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    card = tmp / "README.md"
-    card.write_text(card.read_text() + f"\n## Selected by bloomray tune\n{why}; from `{src}`.\n")
-    old = dst.with_name(f".{dst.name}.old")
-    if dst.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        dst.rename(old)
-    tmp.rename(dst)
-    shutil.rmtree(old, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        card = tmp / "README.md"
+        card.write_text(card.read_text() + f"\n## Selected by bloomray tune\n{why}; from `{src}`.\n")
+        swap_into_place(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

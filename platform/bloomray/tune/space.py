@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from ray import tune
 
-from bloomray.config import Config, ConfigError, apply_override, config_from_dict
+from bloomray.config import Config, ConfigError, config_from_dict, set_key
 
 # Data is prepared once per search and shared by every trial, so it cannot vary per trial;
 # the rest describe the search itself or where it runs.
@@ -17,7 +18,8 @@ def check_space(cfg: Config) -> None:
     """Every searched key must exist and accept the values the search may draw.
 
     Raises:
-        ConfigError: unknown key, frozen section, or a value the config rejects.
+        ConfigError: frozen section, or a key/value the config rejects (unknown keys are
+            named, with the closest valid key, by the config itself).
     """
     if not cfg.tune.space:
         raise ConfigError("tune.space is empty: give at least one key to search, e.g. train.lr")
@@ -32,35 +34,14 @@ def check_space(cfg: Config) -> None:
             [param.low, param.high] if param.type in ("loguniform", "uniform") else list(param.values or [])
         )
         for value in probes:
-            trial = _copy(base)
-            apply_override(trial, f"{key}={_yaml(value)}")
-            _check_known_key(trial, key)
+            trial = copy.deepcopy(base)
+            set_key(trial, key, value)
             try:
                 config_from_dict(trial)
             except ConfigError as exc:
                 raise ConfigError(
                     f"tune.space.{key}: value {value!r} is not a valid config:\n{exc}"
                 ) from None
-
-
-def _check_known_key(raw: dict[str, Any], key: str) -> None:
-    node: Any = Config.model_fields
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            raise ConfigError(f"tune.space.{key}: {part!r} is not a config key")
-        field = node[part]
-        ann = field.annotation
-        node = ann.model_fields if isinstance(ann, type) and hasattr(ann, "model_fields") else None
-
-
-def _copy(raw: dict[str, Any]) -> dict[str, Any]:
-    return {k: _copy(v) if isinstance(v, dict) else v for k, v in raw.items()}
-
-
-def _yaml(value: Any) -> str:
-    import yaml
-
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
 def param_space(cfg: Config) -> dict[str, Any]:
@@ -80,9 +61,7 @@ def param_space(cfg: Config) -> dict[str, Any]:
 
 def trial_config(base: dict[str, Any], params: dict[str, Any]) -> Config:
     """The base config with one trial's sampled values applied."""
-    raw = _copy(base)
+    raw = copy.deepcopy(base)
     for key, value in params.items():
-        if key in ("__trial_index__",):
-            continue
-        apply_override(raw, f"{key}={_yaml(value)}")
+        set_key(raw, key, value)
     return config_from_dict(raw)

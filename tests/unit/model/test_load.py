@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_bloom import PAD, TARGETS, VOCAB, make_model
 from transformers import BloomForCausalLM, BloomForSequenceClassification
 
-from bloomray.model.build import ModelLoadError, build_from_config, count_parameters, preset_config
+from bloomray.model.build import ModelLoadError, count_parameters
 from bloomray.model.export import _write_model, compact_model
 from bloomray.model.load import (
     SPARSE_FILE,
@@ -23,23 +24,6 @@ from bloomray.model.load import (
 )
 from bloomray.prune.compact import SPEC_KEY, CompactBloomAttention
 from bloomray.prune.masks import structured_masks, target_names, unstructured_masks
-
-TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
-VOCAB, PAD = 128, 0
-
-
-def make_model(task: str = "causal_lm", seed: int = 0) -> torch.nn.Module:
-    """Tiny fp32 BLOOM (own config object per model), weights scaled up so outputs are not flat."""
-    cfg = preset_config(
-        "tiny", vocab_size=VOCAB, pad_token_id=PAD, bos_token_id=1, eos_token_id=2, num_labels=3
-    )
-    model = build_from_config(task, cfg, seed=seed).float().eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "layernorm" not in name:
-                p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.ndim == 2 else 0.1))
-    return model
 
 
 def apply_masks(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> None:

@@ -6,10 +6,11 @@ import copy
 
 import pytest
 import torch
+from tiny_bloom import PAD, TARGETS, VOCAB, make_model
 from transformers import BloomForCausalLM, BloomForSequenceClassification
 from transformers.models.bloom.modeling_bloom import BloomAttention
 
-from bloomray.model.build import build_from_config, count_parameters, preset_config
+from bloomray.model.build import count_parameters
 from bloomray.model.export import ExportError, compact_model
 from bloomray.prune.compact import (
     SPEC_KEY,
@@ -20,26 +21,10 @@ from bloomray.prune.compact import (
 )
 from bloomray.prune.masks import structured_masks, target_names
 
-TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
-VOCAB, HIDDEN, N_LAYER, N_HEAD = 128, 64, 2, 4
+HIDDEN, N_LAYER, N_HEAD = 64, 2, 4  # the tiny preset (tiny_bloom.make_model)
 HEAD_DIM, FFN = HIDDEN // N_HEAD, 4 * HIDDEN
-PAD = 0
 # Different sparsity per layer, so layers keep different numbers of heads and neurons.
 LAYER_SPARSITY = {0: 0.75, 1: 0.25}
-
-
-def make_model(task: str = "causal_lm", seed: int = 0) -> torch.nn.Module:
-    """Tiny fp32 BLOOM in eval mode, with weights large enough that outputs depend on every head."""
-    cfg = preset_config(
-        "tiny", vocab_size=VOCAB, pad_token_id=PAD, bos_token_id=1, eos_token_id=2, num_labels=3
-    )
-    model = build_from_config(task, cfg, seed=seed).float().eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "layernorm" not in name:
-                p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.ndim == 2 else 0.1))
-    return model
 
 
 def prune_(
