@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ tags: [bloom, bloomray]
 ---
 # {model_dir.name} — BLOOM {meta.get("task", "causal_lm")} model trained with bloomray
 
-Exported {datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")} from `{info.get("checkpoint")}`.
+Exported {datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")} from `{info.get("checkpoint")}`.
 
 ## Model
 - architecture: BLOOM, {mc.get("n_layer")} layers, hidden {mc.get("hidden_size")}, {mc.get("n_head")} heads, vocab {mc.get("vocab_size")}

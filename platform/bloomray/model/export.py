@@ -87,20 +87,30 @@ def probe_tolerance(checkpoint_dir: Path, dtype: torch.dtype) -> float:
 def compact_model(model: torch.nn.Module, tolerance: float = 1e-4) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Cut structurally pruned heads/neurons out of ``model``; check logits are unchanged.
 
+    A causal LM comes back as :class:`~bloomray.model.compact_hf.BloomrayCompactForCausalLM`
+    (saved with ``model_type`` ``bloomray_compact``); a classifier as a reshaped
+    BloomForSequenceClassification with ``model_type`` ``bloom``. Both carry the spec.
+
     Raises:
         ExportError: the compact model's fp32 logits differ from the masked model's.
     """
+    from bloomray.model.compact_hf import BloomrayCompactForCausalLM, compact_config
     from bloomray.prune.compact import SPEC_KEY, compact_state_dict, find_removable, reshape_model
 
     cfg = model.config
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     spec = find_removable(state, cfg.n_layer, cfg.n_head)
-    small = model_class("classification" if "SequenceClassification" in type(model).__name__ else "causal_lm")
-    compact = reshape_model(small.from_config(cfg), spec)
+    if "SequenceClassification" in type(model).__name__:
+        # Classifiers stay model_type "bloom" + the spec (only transformers serves them).
+        compact = reshape_model(model_class("classification").from_config(cfg), spec)
+        setattr(compact.config, SPEC_KEY, spec)
+    else:
+        # Causal LMs get their own model_type/architecture, so no loader (transformers' Auto
+        # classes, vLLM) mistakes the dir for a full-shape BLOOM.
+        compact = BloomrayCompactForCausalLM(compact_config(cfg, spec))
     compact.load_state_dict(compact_state_dict(state, spec, cfg.n_head), strict=False)
     compact.tie_weights()
     compact.eval()
-    setattr(compact.config, SPEC_KEY, spec)
     ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         diff = float((compact(input_ids=ids).logits - model(input_ids=ids).logits).abs().max())

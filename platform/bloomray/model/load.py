@@ -2,7 +2,9 @@
 
 - plain HF dirs (and hub names): ``from_pretrained``;
 - compacted structured-pruned dirs (``bloomray_compact`` in config.json): stock BLOOM with
-  per-layer smaller attention/MLP shapes (see ``prune/compact.py``);
+  per-layer smaller attention/MLP shapes (see ``prune/compact.py``); causal LMs come back as
+  :class:`~bloomray.model.compact_hf.BloomrayCompactForCausalLM` (``model_type``
+  ``bloomray_compact``; older dirs with ``model_type`` ``bloom`` plus the spec load the same way);
 - sparse-packed dirs (``bloomray_sparse`` in config.json): unstructured-pruned weights stored
   as a bitmask plus the non-zero values (``sparse.safetensors``), expanded to dense on load.
 """
@@ -20,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from transformers import BloomConfig, PreTrainedModel
 
 from bloomray.model.build import load_pretrained, model_class
+from bloomray.model.compact_hf import BloomrayCompactForCausalLM, compact_config
 from bloomray.prune.compact import SPEC_KEY, reshape_model
 
 SPARSE_KEY = "bloomray_sparse"
@@ -27,7 +30,10 @@ SPARSE_FILE = "sparse.safetensors"
 
 
 def task_of(config: dict[str, Any]) -> str:
-    """causal_lm or classification, from a config.json's architectures."""
+    """causal_lm or classification, from a config.json's architectures.
+
+    Compacted causal LMs name ``BloomrayCompactForCausalLM`` (see ``model/compact_hf.py``).
+    """
     arch = (config.get("architectures") or ["BloomForCausalLM"])[0]
     return "classification" if "SequenceClassification" in arch else "causal_lm"
 
@@ -46,10 +52,13 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None) -> PreTrained
     task = task_of(raw)
     if SPEC_KEY not in raw and SPARSE_KEY not in raw:
         return load_pretrained(task, str(local), dtype=dtype).eval()
-    config = BloomConfig.from_dict(raw)
-    model = model_class(task).from_config(config)
-    if SPEC_KEY in raw:
-        reshape_model(model, raw[SPEC_KEY])
+    if SPEC_KEY in raw and task == "causal_lm":
+        # model_type bloomray_compact (or an older dir: model_type bloom + the spec).
+        model = BloomrayCompactForCausalLM(compact_config(raw, raw[SPEC_KEY]))
+    else:
+        model = model_class(task).from_config(BloomConfig.from_dict(raw))
+        if SPEC_KEY in raw:
+            reshape_model(model, raw[SPEC_KEY])
     state = (
         load_sparse(local / SPARSE_FILE) if SPARSE_KEY in raw else load_file(str(local / "model.safetensors"))
     )
