@@ -24,7 +24,12 @@ def ensure_local_ray() -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=TEST_RAY_CPUS, log_to_driver=True)
+        # Metrics reach Ray's Prometheus endpoint every second, so tests can scrape them.
+        ray.init(
+            num_cpus=TEST_RAY_CPUS,
+            log_to_driver=True,
+            _system_config={"metrics_report_interval_ms": 1000},
+        )
 
 
 @pytest.fixture(scope="module")

@@ -103,10 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "serve",
-        help="serve a model dir on Ray Serve (OpenAI-style HTTP, batching, autoscaling)",
+        help="serve model dirs on Ray Serve + vLLM (OpenAI-style HTTP, continuous batching, autoscaling)",
         description="Start the Serve app of serve/config.yaml for --model DIR on a local Ray, or attach it to a "
-        "cluster with --address. API keys come from BLOOMRAY_API_KEYS or BLOOMRAY_API_KEYS_FILE "
-        "(else ~/.bloomray/api_keys is created).",
+        "cluster with --address. Causal LMs run on vLLM (Ray Serve LLM), classifiers on transformers. "
+        "API keys come from BLOOMRAY_API_KEYS_FILE or BLOOMRAY_API_KEYS (else ~/.bloomray/api_keys is "
+        "created). SIGINT/SIGTERM shut Serve and Ray down and exit 0.",
     )
     p.add_argument(
         "--model",
@@ -118,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", default=None, help="Serve config YAML (default: serve/config.yaml)")
     p.add_argument("--port", type=int, help="HTTP port (default: the config's, 8000)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1; 0.0.0.0 only behind a load balancer)",
+    )
     _add_address(p)
     p.set_defaults(func=cmd_serve)
 
@@ -136,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="the end-to-end demo on the embedded corpus (what `make demo` runs)",
         description="Pretrain a small BLOOM on the embedded corpus, search learning rate x structured pruning "
-        "with Ray Tune, serve the compacted winner on Ray Serve (int8, autoscaling), send real HTTP requests, "
+        "with Ray Tune, serve the compacted winner on Ray Serve + vLLM (autoscaling), send real HTTP requests, "
         "print the answers, the Pareto table and where every artifact is, and shut down. ~10 min on 2 cores.",
     )
     p.add_argument("--output", default="outputs/demo", help="output dir (default: outputs/demo; replaced)")
@@ -188,9 +194,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for i, item in enumerate(args.model):
         name, sep, path = item.partition("=")
         models[name if sep else ("default" if i == 0 else Path(item).name)] = path if sep else item
-    url = start_server(models or None, args.config or DEFAULT_CONFIG, args.port, args.address)
-    serve_forever(url)
-    return 0
+    url = start_server(models or None, args.config or DEFAULT_CONFIG, args.port, args.address, host=args.host)
+    return serve_forever(url)
 
 
 def cmd_export(args: argparse.Namespace) -> int:

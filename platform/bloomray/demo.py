@@ -1,7 +1,7 @@
 """The end-to-end demo on the embedded corpus (``bloomray demo`` / ``make demo``).
 
 pretrain a small BLOOM -> Tune search over learning rate and structured-pruning schedules
--> the winner, compacted -> served on Ray Serve (int8, autoscaling) -> real HTTP requests
+-> the winner, compacted -> served on Ray Serve + vLLM (autoscaling) -> real HTTP requests
 -> shut down. About 10 minutes on 2 CPU cores.
 """
 
@@ -56,7 +56,7 @@ def run_demo(output: Path, overrides: list[str] | None = None, trials: int = 4) 
     search = run_tune(tcfg, output / "tune")
     _print_pareto(output / "tune" / "trials.csv", search)
 
-    _banner("3/4 serve: the winner, int8, autoscaling 1-2 replicas, OpenAI-style HTTP")
+    _banner("3/4 serve: the winner on vLLM (Ray Serve LLM), autoscaling 1-2 replicas, OpenAI-style HTTP")
     from ray import serve
 
     from bloomray.serving.run import DEFAULT_CONFIG, start_server
@@ -68,9 +68,14 @@ def run_demo(output: Path, overrides: list[str] | None = None, trials: int = 4) 
         DEFAULT_CONFIG,
         port=port,
         host="127.0.0.1",
-        deployment_overrides={
-            "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4},
-            "logging_config": {"enable_access_log": False},  # keep the demo's console readable
+        overrides={
+            "max_context": 512,
+            "max_tokens_limit": 256,
+            "kv_cache_gib": 1,
+            "engine_deployment": {
+                "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 16},
+                "logging_config": {"enable_access_log": False},  # keep the demo's console readable
+            },
         },
     )
     print(f"[demo] serving at {url}", flush=True)

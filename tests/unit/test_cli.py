@@ -20,7 +20,7 @@ VERB_OPTIONS = {
     "export": ["--checkpoint", "--output", "--overwrite"],
     "demo": ["--output", "--set", "--trials"],
     "tune": ["--config", "--output", "--set", "--resume", "--address"],
-    "serve": ["--model", "--config", "--port", "--address"],
+    "serve": ["--model", "--config", "--port", "--host", "--address"],
 }
 
 

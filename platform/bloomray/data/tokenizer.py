@@ -15,6 +15,25 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 
 
+# A plain chat template for base models (no special tokens beyond EOS), saved with every
+# tokenizer bloomray writes: it is the one the server's /v1/chat/completions applies.
+PLAIN_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
+    "{% elif m['role'] == 'user' %}User: {{ m['content'] }}\n"
+    "{% else %}Assistant: {{ m['content'] }}{{ eos_token }}\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+def ensure_chat_template(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Give a tokenizer without a chat template the plain one (a model's own template is kept)."""
+    if not getattr(tok, "chat_template", None):
+        tok.chat_template = PLAIN_CHAT_TEMPLATE
+    return tok
+
+
 class TokenizerError(ValueError):
     """The tokenizer could not be loaded; the message says what to pass instead."""
 
@@ -38,7 +57,7 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     if tok.pad_token is None:
         # BLOOM tokenizers define <pad>; others (GPT-2 style) reuse EOS for padding.
         tok.pad_token = tok.eos_token
-    return tok
+    return ensure_chat_template(tok)
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> PreTrainedTokenizerFast:
@@ -56,7 +75,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(
+    fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         unk_token="<unk>",
         bos_token="<s>",
@@ -64,3 +83,4 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
         pad_token="<pad>",
         padding_side="left",  # generation pads on the left; training packs, so never pads
     )
+    return ensure_chat_template(fast)

@@ -1,12 +1,16 @@
-"""API keys: from ``BLOOMRAY_API_KEYS`` (comma-separated) or a file named by
-``BLOOMRAY_API_KEYS_FILE`` (one key per line) — never from command-line arguments, which
-end up in shell history and process lists. Compared in constant time."""
+"""API keys: from a file named by ``BLOOMRAY_API_KEYS_FILE`` (one key per line; ``#`` comments
+and blank lines ignored) or ``BLOOMRAY_API_KEYS`` (comma-separated, read by the driver, which
+writes them to a private file for the replicas) — never from command-line arguments or a
+deployment's runtime_env, which end up in shell history, process lists and the dashboard.
+Compared in constant time.
+"""
 
 from __future__ import annotations
 
 import hmac
 import os
 import secrets
+import tempfile
 from pathlib import Path
 
 ENV_KEYS = "BLOOMRAY_API_KEYS"
@@ -22,25 +26,46 @@ def load_keys() -> list[str]:
         p = Path(path).expanduser()
         if not p.exists():
             raise FileNotFoundError(f"{ENV_FILE}={path} does not exist; create it with one API key per line")
-        keys += [ln.strip() for ln in p.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+        for line in p.read_text().splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                keys.append(line)
     return keys
 
 
 def check_key(header: str | None, keys: list[str]) -> bool:
-    """True when ``Authorization: Bearer <key>`` carries one of ``keys`` (constant time)."""
-    if not header or not header.startswith("Bearer "):
+    """True when ``Authorization: Bearer <key>`` carries one of ``keys`` (constant time).
+
+    The scheme name is matched case-insensitively (RFC 7235).
+    """
+    if not header:
         return False
-    given = header[len("Bearer ") :].strip().encode()
+    scheme, _, value = header.strip().partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        return False
+    given = value.strip().encode()
     ok = False
     for key in keys:  # no early exit: the time taken does not depend on which key matched
         ok |= hmac.compare_digest(given, key.encode())
     return ok
 
 
+def write_key_file(path: Path, keys: list[str]) -> Path:
+    """Write ``keys`` to ``path`` atomically with mode 0600 (never readable by others, even briefly)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mkstemp creates 0600
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write("".join(k + "\n" for k in keys))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def ensure_key_file(path: Path = DEFAULT_KEY_FILE) -> Path:
     """Create a key file with one random key (mode 0600) if there is none; return its path."""
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(secrets.token_urlsafe(32) + "\n")
-        path.chmod(0o600)
+        write_key_file(path, [secrets.token_urlsafe(32)])
     return path

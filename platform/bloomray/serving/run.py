@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
-import time
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from bloomray.config import ConfigError
-from bloomray.serving.auth import ENV_FILE, ENV_KEYS, ensure_key_file
+from bloomray.serving.auth import DEFAULT_KEY_FILE, ENV_FILE, ENV_KEYS, ensure_key_file, write_key_file
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "serve" / "config.yaml"
 
 
-def read_serve_config(path: str | Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """(http_options, app args, deployment options) of the first application in a Serve config."""
+def read_serve_config(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(http_options, app args) of the first application in a Serve config."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"serve config not found: {path} (default: {DEFAULT_CONFIG})")
@@ -24,19 +26,24 @@ def read_serve_config(path: str | Path) -> tuple[dict[str, Any], dict[str, Any],
     apps = cfg.get("applications") or []
     if not apps:
         raise ConfigError(f"{path}: no applications section")
-    deployment = dict((apps[0].get("deployments") or [{}])[0])
-    deployment.pop("name", None)
-    return dict(cfg.get("http_options") or {}), dict(apps[0].get("args") or {}), deployment
+    return dict(cfg.get("http_options") or {}), dict(apps[0].get("args") or {})
 
 
-def key_env() -> dict[str, str]:
-    """The API-key env vars the replicas get; creates ~/.bloomray/api_keys if none is set."""
-    env = {k: os.environ[k] for k in (ENV_KEYS, ENV_FILE) if os.environ.get(k)}
-    if not env:
-        path = ensure_key_file()
-        env[ENV_FILE] = str(path)
-        print(f"[serve] no API key configured: using the key in {path} (send 'Authorization: Bearer <key>')")
-    return env
+def key_file() -> str:
+    """The API-key file the ingress reads; keys themselves never travel in a runtime_env.
+
+    ``BLOOMRAY_API_KEYS_FILE`` is used as is; keys in ``BLOOMRAY_API_KEYS`` are written to a
+    private (0600) file; with neither, ``~/.bloomray/api_keys`` is created with a random key.
+    """
+    if os.environ.get(ENV_FILE):
+        return os.environ[ENV_FILE]
+    keys = [k.strip() for k in os.environ.get(ENV_KEYS, "").split(",") if k.strip()]
+    if keys:
+        digest = hashlib.sha256(",".join(keys).encode()).hexdigest()[:12]
+        return str(write_key_file(DEFAULT_KEY_FILE.parent / f"keys-{digest}", keys))
+    path = ensure_key_file()
+    print(f"[serve] no API key configured: using the key in {path} (send 'Authorization: Bearer <key>')")
+    return str(path)
 
 
 def start_server(
@@ -45,51 +52,54 @@ def start_server(
     port: int | None = None,
     address: str | None = None,
     overrides: dict[str, Any] | None = None,
-    deployment_overrides: dict[str, Any] | None = None,
     name: str = "bloomray",
     route_prefix: str = "/",
     host: str | None = None,
 ) -> str:
-    """Deploy the app and return its base URL (Serve keeps running in the Ray cluster)."""
+    """Deploy the app, wait until every model deployment is up, and return its base URL.
+
+    Raises:
+        ConfigError: a bad model dir or option (before anything starts).
+        RuntimeError: a deployment failed to start (Serve's message names the replica error).
+    """
     from ray import serve
 
     from bloomray.raycluster import init_ray
-    from bloomray.serving.app import BloomServer
+    from bloomray.serving.app import build_app
 
-    http, args, deployment = read_serve_config(config)
+    http, args = read_serve_config(config)
     if models:
         args["models"] = models
-    for name_, path in (args.get("models") or {}).items():
-        if not Path(path).exists() and not address:
-            raise ConfigError(
-                f"model {name_!r}: {path} does not exist; pass --model DIR (an export or tune winner/)"
-            )
     args.update(overrides or {})
-    deployment.update(deployment_overrides or {})
-    actor = dict(deployment.pop("ray_actor_options", {}) or {})
-    actor["runtime_env"] = {"env_vars": {**key_env(), "TOKENIZERS_PARALLELISM": "false"}}
-    http_port = port or int(http.get("port", 8000))
+    ingress = dict(args.pop("ingress_deployment", None) or {})
+    actor = dict(ingress.get("ray_actor_options") or {})
+    actor["runtime_env"] = {"env_vars": {ENV_FILE: key_file(), "TOKENIZERS_PARALLELISM": "false"}}
+    ingress["ray_actor_options"] = actor
     init_ray(address)
+    app = build_app({**args, "ingress_deployment": ingress})  # checks every model dir first
+    http_port = port or int(http.get("port", 8000))
     serve.start(
         http_options={
-            "host": host or http.get("host", "127.0.0.1"),
+            "host": host or "127.0.0.1",
             "port": http_port,
             "request_timeout_s": http.get("request_timeout_s"),
         }
     )
-    app = BloomServer.options(ray_actor_options=actor, **deployment).bind(models=args.pop("models"), **args)
     serve.run(app, name=name, route_prefix=route_prefix, blocking=False)
     return f"http://127.0.0.1:{http_port}{route_prefix.rstrip('/')}"
 
 
-def serve_forever(url: str) -> None:
-    """Block until Ctrl-C, then shut Serve down cleanly."""
+def serve_forever(url: str) -> int:
+    """Block until SIGINT/SIGTERM, then shut Serve and Ray down cleanly; returns the exit code."""
+    import ray
     from ray import serve
 
-    print(f"[serve] listening on {url}  (Ctrl-C to stop)")
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("[serve] shutting down")
-        serve.shutdown()
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"[serve] listening on {url}  (Ctrl-C to stop)", flush=True)
+    stop.wait()
+    print("[serve] shutting down", flush=True)
+    serve.shutdown()
+    ray.shutdown()
+    return 0

@@ -1,0 +1,207 @@
+"""The model deployments behind the ingress: vLLM for causal LMs, transformers for classifiers.
+
+Causal LMs run on Ray Serve LLM's ``LLMServer`` (vLLM's async engine with continuous
+batching, vLLM's OpenAI serving layer, engine metrics to Ray's Prometheus endpoint). A
+compacted (structured-pruned) export loads through bloomray's vLLM model plugin; an
+unstructured-sparse export is expanded to dense once, next to the export, since vLLM's dense
+kernels cannot use the sparsity. Classifiers (vLLM has no BLOOM classifier) run in
+:class:`ClassifierServer`. Weights load when a replica starts, never on the first request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+from safetensors import safe_open
+
+from bloomray.config import ConfigError
+from bloomray.serving.options import ServeOptions
+
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)  # vLLM's CPU attention kernels
+DENSE_DIR = "vllm-dense"  # where a sparse export's dense copy is cached (inside the export)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+
+
+def inspect_model_dir(name: str, path: str) -> dict[str, Any]:
+    """The served model's task and kind, checked cheaply before any deployment starts.
+
+    Raises:
+        ConfigError: not a model dir, no tokenizer, or an unreadable config (names the fix).
+    """
+    from bloomray.model.load import SPARSE_KEY, task_of
+
+    local = Path(path).expanduser()
+    cfg_path = local / "config.json"
+    if not cfg_path.is_file():
+        raise ConfigError(
+            f"model {name!r}: {path} is not a model dir (no config.json); pass an export, a tune "
+            "winner/ or a pretrained BLOOM dir"
+        )
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"model {name!r}: {cfg_path} is not valid JSON ({exc})") from None
+    if not (local / "tokenizer.json").is_file() and not (local / "tokenizer_config.json").is_file():
+        raise ConfigError(f"model {name!r}: {path} has no tokenizer (tokenizer.json); re-export the model")
+    weights = list(local.glob("*.safetensors"))
+    if not weights:
+        raise ConfigError(f"model {name!r}: {path} has no weights (*.safetensors)")
+    for file in weights:  # reads each header only: a truncated or foreign file fails here
+        try:
+            with safe_open(str(file), "pt") as f:
+                f.keys()
+        except Exception as exc:  # noqa: BLE001 - safetensors raises several types
+            raise ConfigError(
+                f"model {name!r}: {file} is not a readable safetensors file ({exc}); re-export the model"
+            ) from None
+    heads = raw.get("n_head") or raw.get("num_attention_heads") or 1
+    head_size = (raw.get("hidden_size") or raw.get("n_embed") or 0) // heads
+    return {
+        "task": task_of(raw),
+        "sparse": SPARSE_KEY in raw,
+        "path": str(local.resolve()),
+        "head_size": head_size,
+    }
+
+
+def dense_copy(path: str) -> str:
+    """A dense HF dir of a sparse-packed export, written once (atomically) inside the export."""
+    from transformers import AutoTokenizer
+
+    from bloomray.model.load import SPARSE_KEY, load_model
+
+    src = Path(path)
+    out = src / DENSE_DIR
+    if (out / "config.json").is_file():
+        return str(out)
+    model = load_model(src)
+    if hasattr(model.config, SPARSE_KEY):
+        delattr(model.config, SPARSE_KEY)  # the copy is a plain dense dir
+    tmp = Path(tempfile.mkdtemp(prefix=f".{DENSE_DIR}.tmp-", dir=src))
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        AutoTokenizer.from_pretrained(str(src)).save_pretrained(str(tmp))
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return str(out)
+
+
+def use_gpu(opts: ServeOptions) -> bool:
+    if opts.device != "auto":
+        return opts.device == "gpu"
+    import ray
+
+    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+
+
+def llm_deployment(name: str, path: str, opts: ServeOptions) -> serve.Application:
+    """An ``LLMServer`` deployment (Ray Serve LLM + vLLM) serving ``path`` as model ``name``."""
+    from ray.serve.llm import LLMConfig, build_llm_deployment
+
+    gpu = use_gpu(opts)
+    head_size = inspect_model_dir(name, path)["head_size"]
+    if not gpu and head_size not in CPU_HEAD_SIZES:
+        raise ConfigError(
+            f"model {name!r}: head size {head_size} is not one vLLM's CPU attention runs "
+            f"({', '.join(map(str, CPU_HEAD_SIZES))}); train a shape with one of them (hidden_size / n_head)"
+        )
+    engine_kwargs: dict[str, Any] = {
+        "dtype": opts.dtype,
+        "max_model_len": opts.max_context,
+        "max_num_seqs": opts.max_num_seqs,
+        "enforce_eager": not gpu,  # CPU: no graph capture / compile step at start
+        "max_logprobs": 5,
+        "seed": 0,
+    }
+    env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    placement = None
+    if not gpu:
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(opts.kv_cache_gib)
+        env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{opts.cpus_per_engine - 1}"  # core ids, not "all"
+        # Without a CPU-only bundle Ray Serve LLM asks for a GPU and waits forever.
+        placement = {"bundle_per_worker": {"CPU": opts.cpus_per_engine}}
+    config = LLMConfig(
+        model_loading_config={"model_id": name, "model_source": path},
+        engine_kwargs=engine_kwargs,
+        placement_group_config=placement,
+        runtime_env={"env_vars": env},
+        deployment_config=dict(opts.engine_deployment),
+        log_engine_metrics=True,
+    )
+    return build_llm_deployment(config, name_prefix="LLMServer:")
+
+
+@serve.deployment(name="Classifier")
+class ClassifierServer:
+    """A sequence classifier (transformers), loaded at replica start; inference only."""
+
+    def __init__(self, name: str, path: str, max_length: int) -> None:
+        import torch
+        from transformers import AutoTokenizer
+
+        from bloomray.model.load import load_model
+
+        self.name, self.max_length = name, max_length
+        self.model = load_model(path).requires_grad_(False)
+        if torch.cuda.is_available():
+            self.model = self.model.to("cuda", torch.bfloat16)
+        self.tok = AutoTokenizer.from_pretrained(path)
+        if self.tok.pad_token is None:
+            self.tok.pad_token = self.tok.eos_token
+        labels = getattr(self.model.config, "id2label", None) or {}
+        self.labels = {int(k): v for k, v in labels.items()}
+
+    def _classify(self, texts: list[str]) -> dict[str, Any]:
+        import torch
+
+        enc = self.tok(
+            texts,
+            padding=True,
+            padding_side="right",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        ).to(self.model.device)
+        with torch.inference_mode():  # in the thread that runs the forward
+            probs = self.model(**enc).logits.float().softmax(-1).tolist()
+        data = []
+        for i, p in enumerate(probs):
+            best = max(range(len(p)), key=p.__getitem__)
+            data.append(
+                {
+                    "index": i,
+                    "label": self.labels.get(best, str(best)),
+                    "score": p[best],
+                    "scores": {self.labels.get(j, str(j)): round(v, 6) for j, v in enumerate(p)},
+                }
+            )
+        tokens = int(enc["attention_mask"].sum())
+        return {"data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    async def classify(self, texts: list[str]) -> dict[str, Any]:
+        return await asyncio.to_thread(self._classify, texts)
+
+    async def check_health(self) -> None:
+        await asyncio.to_thread(self._classify, ["ok"])
+
+
+def classifier_deployment(name: str, path: str, opts: ServeOptions) -> serve.Application:
+    options = {
+        "name": f"Classifier:{name}",
+        "ray_actor_options": {"num_cpus": 1},
+        **opts.classifier_deployment,
+    }
+    return ClassifierServer.options(**options).bind(name, path, opts.max_context)

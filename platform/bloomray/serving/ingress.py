@@ -1,0 +1,302 @@
+"""The HTTP front door: auth, limits, admission and one error shape, in front of the engines.
+
+The router knows nothing about generation: it checks a request (key, size, fields, limits),
+admits it by the work it brings (prompts x n), and forwards it to the model's deployment
+(``LLMServer`` for causal LMs, ``ClassifierServer`` for classifiers) through a streaming
+handle. A client that disconnects or a request past the timeout cancels the handle call,
+which cancels the engine request and frees its place in the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import contextmanager
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from bloomray.serving.auth import check_key, load_keys
+from bloomray.serving.http import UNAVAILABLE, api, unavailable
+from bloomray.serving.metrics import ServeMetrics
+from bloomray.serving.options import ServeOptions
+from bloomray.serving.schema import (
+    APIError,
+    ChatRequest,
+    ClassifyRequest,
+    CompletionRequest,
+    validation_error,
+)
+
+
+@serve.deployment(name="BloomIngress", max_ongoing_requests=1000, max_queued_requests=-1)
+@serve.ingress(api)
+class BloomIngress:
+    """OpenAI-style routes over the model deployments; see the module docstring."""
+
+    def __init__(
+        self,
+        engines: dict[str, DeploymentHandle],
+        classifiers: dict[str, DeploymentHandle],
+        models: dict[str, dict[str, Any]],
+        options: dict[str, Any],
+    ) -> None:
+        self.keys = load_keys()
+        if not self.keys:
+            raise RuntimeError("no API keys: set BLOOMRAY_API_KEYS_FILE (see README)")
+        self.engines = {n: h.options(stream=True) for n, h in engines.items()}
+        self.classifiers = classifiers
+        self.models = models
+        self.default = next(iter(models))
+        self.opts = ServeOptions.from_args(options)
+        self.inflight = 0
+        self.metrics = ServeMetrics()
+
+    # ------------------------------------------------------------------ checks
+
+    def _auth(self, request: Request) -> None:
+        if not check_key(request.headers.get("authorization"), self.keys):
+            raise APIError(
+                401, "missing or invalid API key: send 'Authorization: Bearer <key>'", code="invalid_api_key"
+            )
+
+    async def _body(self, request: Request, schema: type[BaseModel]) -> Any:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.opts.max_body_bytes:
+            raise self._too_large(int(declared))
+        raw = await request.body()
+        if len(raw) > self.opts.max_body_bytes:
+            raise self._too_large(len(raw))
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise APIError(400, "request body is not valid JSON", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "request body must be a JSON object", code="invalid_json")
+        try:
+            return schema.model_validate(body)
+        except ValidationError as exc:
+            raise validation_error(exc) from None
+
+    def _too_large(self, size: int) -> APIError:
+        return APIError(
+            413,
+            f"request body of {size} bytes is above this server's limit of {self.opts.max_body_bytes}",
+            code="body_too_large",
+        )
+
+    def _model(self, name: str | None, task: str) -> str:
+        name = name or self.default
+        if name not in self.models:
+            raise APIError(
+                404,
+                f"model {name!r} is not served; GET /v1/models lists {list(self.models)}",
+                param="model",
+                code="model_not_found",
+            )
+        if self.models[name]["task"] != task:
+            hint = "POST /v1/classify" if task == "causal_lm" else "POST /v1/completions"
+            what = "a classifier" if task == "causal_lm" else "a causal LM, not a classifier"
+            raise APIError(
+                400, f"model {name!r} is {what}: use {hint}", param="model", code="wrong_model_task"
+            )
+        return name
+
+    def _limits(self, req: CompletionRequest | ChatRequest, default_tokens: int) -> None:
+        prompts = len(req.prompts())
+        if prompts > self.opts.max_prompts:
+            raise APIError(
+                400, f"{prompts} prompts in one request; the limit is {self.opts.max_prompts}", param="prompt"
+            )
+        if req.n > self.opts.max_n:
+            raise APIError(400, f"n={req.n} is above this server's limit of {self.opts.max_n}", param="n")
+        wanted = getattr(req, "max_completion_tokens", None) or req.max_tokens or default_tokens
+        if wanted > self.opts.max_tokens_limit:
+            raise APIError(
+                400,
+                f"max_tokens={wanted} is above this server's limit of {self.opts.max_tokens_limit}",
+                param="max_tokens",
+                code="invalid_value",
+            )
+
+    @contextmanager
+    def _admit(self, units: int):
+        """Hold ``units`` of work (prompts x n) or answer 503 when the replica is full."""
+        if self.inflight + units > self.opts.max_queue:
+            raise APIError(
+                503,
+                f"server busy: {self.inflight} prompts in flight on this replica; retry shortly",
+                "server_overloaded",
+                code="queue_full",
+                headers={"Retry-After": "1"},
+            )
+        self.inflight += units
+        self.metrics.queue.set(self.inflight)
+        try:
+            yield
+        finally:
+            self.inflight -= units
+            self.metrics.queue.set(self.inflight)
+
+    # ------------------------------------------------------------------ routes
+
+    @api.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        handles = list(self.engines.values()) + list(self.classifiers.values())
+        try:
+            async with asyncio.timeout(10):
+                for h in handles:
+                    await h.options(stream=False).check_health.remote()
+        except Exception as exc:  # noqa: BLE001 - any failure means unhealthy
+            return JSONResponse({"status": "unhealthy", "reason": type(exc).__name__}, status_code=503)
+        return JSONResponse({"status": "ok", "models": list(self.models)})
+
+    @api.get("/v1/models")
+    async def list_models(self, request: Request) -> JSONResponse:
+        self._auth(request)
+        data = [
+            {"id": n, "object": "model", "owned_by": "bloomray", "task": m["task"]}
+            for n, m in self.models.items()
+        ]
+        return JSONResponse({"object": "list", "data": data})
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request) -> Any:
+        return await self._generate(request, CompletionRequest, "completions", default_tokens=16)
+
+    @api.post("/v1/chat/completions")
+    async def chat(self, request: Request) -> Any:
+        return await self._generate(request, ChatRequest, "chat", default_tokens=self.opts.max_tokens_limit)
+
+    @api.post("/v1/classify")
+    async def classify(self, request: Request) -> JSONResponse:
+        start = time.perf_counter()
+        try:
+            self._auth(request)
+            req: ClassifyRequest = await self._body(request, ClassifyRequest)
+            name = self._model(req.model, "classification")
+            texts = req.inputs()
+            if len(texts) > self.opts.max_prompts:
+                raise APIError(
+                    400,
+                    f"{len(texts)} inputs in one request; the limit is {self.opts.max_prompts}",
+                    param="input",
+                )
+            with self._admit(len(texts)):
+                response = self.classifiers[name].classify.remote(texts)
+                try:
+                    async with asyncio.timeout(self.opts.request_timeout_s):
+                        out = await response
+                except TimeoutError:
+                    response.cancel()
+                    raise self._timeout() from None
+                except UNAVAILABLE as exc:
+                    raise unavailable(exc) from None
+        except APIError as exc:
+            self.metrics.errors.inc(tags={"code": str(exc.status)})
+            raise
+        self.metrics.done("/v1/classify", start, 0)
+        return JSONResponse({"object": "classification", "model": name, **out})
+
+    # ------------------------------------------------------------------ generation
+
+    def _timeout(self) -> APIError:
+        return APIError(504, f"generation took longer than {self.opts.request_timeout_s}s", code="timeout")
+
+    async def _generate(self, request: Request, schema: type, method: str, default_tokens: int) -> Any:
+        from ray.serve.llm.openai_api_models import ChatCompletionRequest
+        from ray.serve.llm.openai_api_models import CompletionRequest as EngineCompletion
+
+        start = time.perf_counter()
+        try:
+            self._auth(request)
+            req = await self._body(request, schema)
+            name = self._model(req.model, "causal_lm")
+            self._limits(req, default_tokens)
+            fields = {"max_tokens": default_tokens, **req.sampling(), "model": name}
+            if method == "chat":
+                fields["messages"] = [m.model_dump(exclude_none=True) for m in req.messages]
+                engine_req: Any = ChatCompletionRequest(**fields)
+            else:
+                engine_req = EngineCompletion(**fields)
+            units = len(req.prompts()) * req.n
+            if req.stream:
+                return await self._stream(name, method, engine_req, units, start)
+            with self._admit(units):
+                gen = getattr(self.engines[name], method).remote(engine_req, None)
+                try:
+                    async with asyncio.timeout(self.opts.request_timeout_s):
+                        first = await self._first(gen)
+                except TimeoutError:
+                    gen.cancel()
+                    raise self._timeout() from None
+            body = first.model_dump() if isinstance(first, BaseModel) else first
+            self.metrics.done(f"/v1/{method}", start, (body.get("usage") or {}).get("completion_tokens", 0))
+            return JSONResponse(body)
+        except APIError as exc:
+            self.metrics.errors.inc(tags={"code": str(exc.status)})
+            raise
+
+    async def _first(self, gen: Any) -> Any:
+        """The first item of an engine stream; an engine ErrorResponse becomes an APIError."""
+        try:
+            first = await gen.__anext__()
+        except StopAsyncIteration:
+            raise APIError(500, "the engine returned nothing", code="internal_error") from None
+        except UNAVAILABLE as exc:
+            raise unavailable(exc) from None
+        item = first[0] if isinstance(first, list) and first else first
+        err = getattr(item, "error", None)
+        if err is not None and not isinstance(item, str):
+            status = int(getattr(err, "code", 400) or 400)
+            raise APIError(status, err.message, param=getattr(err, "param", None), code="engine_rejected")
+        return first
+
+    async def _stream(self, name: str, method: str, engine_req: Any, units: int, start: float) -> Any:
+        admit = self._admit(units)
+        admit.__enter__()
+        gen = getattr(self.engines[name], method).remote(engine_req, None)
+        try:
+            async with asyncio.timeout(self.opts.request_timeout_s):
+                first = await self._first(gen)
+        except BaseException as exc:
+            gen.cancel()
+            admit.__exit__(None, None, None)
+            if isinstance(exc, TimeoutError):
+                raise self._timeout() from None
+            raise
+        deadline = time.monotonic() + self.opts.request_timeout_s
+
+        async def events() -> AsyncIterator[str]:
+            count, first_seen = 0, False
+            try:
+                item: Any = first
+                while True:
+                    for chunk in item if isinstance(item, list) else [item]:
+                        if not first_seen:
+                            self.metrics.ttft.observe((time.perf_counter() - start) * 1000)
+                            first_seen = True
+                        count += 1
+                        yield chunk if isinstance(chunk, str) else f"data: {chunk.model_dump_json()}\n\n"
+                    try:
+                        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                            item = await gen.__anext__()
+                    except StopAsyncIteration:
+                        break
+                    except TimeoutError:
+                        yield f"data: {json.dumps(self._timeout().body())}\n\n"
+                        yield "data: [DONE]\n\n"
+                        break
+                self.metrics.done(f"/v1/{method}:stream", start, count)
+            finally:
+                # Runs on completion, timeout, and client disconnect (Starlette cancels us).
+                gen.cancel()
+                admit.__exit__(None, None, None)
+
+        return StreamingResponse(events(), media_type="text/event-stream")

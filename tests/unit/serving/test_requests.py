@@ -1,0 +1,116 @@
+"""Request bodies, serve options, API keys and model-dir checks: no Ray, no engine."""
+
+from __future__ import annotations
+
+import json
+import stat
+
+import pytest
+from pydantic import ValidationError
+
+from bloomray.config import ConfigError
+from bloomray.serving.auth import check_key, load_keys, write_key_file
+from bloomray.serving.engines import inspect_model_dir
+from bloomray.serving.options import ServeOptions
+from bloomray.serving.schema import ChatRequest, CompletionRequest, validation_error
+
+
+def _error(body: dict, schema=CompletionRequest):
+    with pytest.raises(ValidationError) as info:
+        schema.model_validate(body)
+    return validation_error(info.value)
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": "x", "temperature": 2.5}, "temperature"),
+        ({"prompt": "x", "top_p": 0}, "top_p"),
+        ({"prompt": "x", "n": 0}, "n"),
+        ({"prompt": "x", "logprobs": 6}, "logprobs"),
+        ({"prompt": "x", "seed": 2**63}, "seed"),
+        ({"prompt": "x", "presence_penalty": 3}, "presence_penalty"),
+        ({"prompt": "x", "stop": [""]}, "stop"),
+        ({"prompt": ["a", ""]}, "prompt"),
+        ({"prompt": "x", "best_of": 2}, "best_of"),
+    ],
+)
+def test_out_of_range_fields_are_named(body, param):
+    err = _error(body)
+    assert err.status == 400 and err.param == param and param in err.message
+
+
+def test_missing_and_chat_fields():
+    assert _error({"max_tokens": 3}).message == "missing required argument: prompt"
+    err = _error({"messages": [{"role": "tool", "content": "x"}]}, ChatRequest)
+    assert err.param == "messages.0.role"
+    chat = ChatRequest.model_validate(
+        {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 7, "max_tokens": 3}
+    )
+    assert chat.sampling()["max_tokens"] == 7 and "max_completion_tokens" not in chat.sampling()
+
+
+def test_sampling_leaves_unset_fields_to_the_engine():
+    req = CompletionRequest.model_validate({"prompt": ["a", "b"], "seed": 3, "model": "m"})
+    assert req.prompts() == ["a", "b"]
+    fields = req.sampling()
+    assert fields["seed"] == 3 and "model" not in fields and "logprobs" not in fields
+
+
+def test_serve_options_name_unknown_keys_and_bad_values():
+    with pytest.raises(ConfigError, match="did you mean 'max_queue'"):
+        ServeOptions.from_args({"max_queu": 3})
+    with pytest.raises(ConfigError, match="max_tokens_limit"):
+        ServeOptions.from_args({"max_context": 128, "max_tokens_limit": 128})
+    with pytest.raises(ConfigError, match="device"):
+        ServeOptions.from_args({"device": "tpu"})
+    assert ServeOptions.from_args({"max_n": 2}).max_n == 2
+
+
+def test_auth_scheme_case_insensitive_and_constant_keys():
+    assert (
+        check_key("Bearer k1", ["k0", "k1"])
+        and check_key("bearer k1", ["k1"])
+        and check_key("BEARER  k1 ", ["k1"])
+    )
+    assert (
+        not check_key("Basic k1", ["k1"]) and not check_key("Bearer", ["k1"]) and not check_key(None, ["k1"])
+    )
+    assert not check_key("Bearer k2", ["k1"])
+
+
+def test_key_file_is_private_and_skips_comments(tmp_path, monkeypatch):
+    path = write_key_file(tmp_path / "d" / "keys", ["# ops team", "", "  k1  ", "k2"])
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert not list(path.parent.glob(".keys.*")), "no temp file left behind"
+    monkeypatch.delenv("BLOOMRAY_API_KEYS", raising=False)
+    monkeypatch.setenv("BLOOMRAY_API_KEYS_FILE", str(path))
+    assert load_keys() == ["k1", "k2"]
+
+
+def test_inspect_model_dir_names_what_is_wrong(tmp_path):
+    with pytest.raises(ConfigError, match="no config.json"):
+        inspect_model_dir("m", str(tmp_path))
+    (tmp_path / "config.json").write_text("{broken")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        inspect_model_dir("m", str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 96, "n_head": 4}))
+    with pytest.raises(ConfigError, match="no tokenizer"):
+        inspect_model_dir("m", str(tmp_path))
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(ConfigError, match="no weights"):
+        inspect_model_dir("m", str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+    with pytest.raises(ConfigError, match="not a readable safetensors"):
+        inspect_model_dir("m", str(tmp_path))
+
+
+def test_cpu_engine_refuses_a_head_size_vllm_cannot_run(tmp_path):
+    from tiny_bloom import make_model
+
+    from bloomray.serving.engines import llm_deployment
+
+    make_model().save_pretrained(tmp_path)  # hidden 64 / 4 heads: head size 16
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(ConfigError, match="head size 16"):
+        llm_deployment("m", str(tmp_path), ServeOptions(device="cpu"))
