@@ -1,13 +1,16 @@
 """Baseline (a) of benchmarks/serve_throughput.py: the FastAPI + transformers server a user would write.
 
-    PLAIN_SERVER_MODEL=DIR OMP_NUM_THREADS=2 .venv/bin/python -m uvicorn _plain_server:app \
-        --app-dir benchmarks --host 127.0.0.1 --port PORT
+    PLAIN_SERVER_MODEL=DIR PLAIN_SERVER_DTYPE=float32 OMP_NUM_THREADS=2 .venv/bin/python -m uvicorn \
+        _plain_server:app --app-dir benchmarks --host 127.0.0.1 --port PORT
 
-One uvicorn process, the model loaded once at import in fp32, and a plain ``def`` endpoint
-calling ``model.generate`` for one prompt: FastAPI runs ``def`` endpoints in its thread pool,
-which is what its docs recommend for blocking code. No batching, no streaming, no auth, no
-queue limit, no lock (each ``generate`` call serves exactly one request; concurrent requests
-run concurrent ``generate`` calls in the pool's threads, sharing the cores).
+One uvicorn process, the model loaded once at import (``PLAIN_SERVER_DTYPE``: float32, the
+default, or bfloat16), and a plain ``def`` endpoint calling ``model.generate`` for one prompt:
+FastAPI runs ``def`` endpoints in its thread pool, which is what its docs recommend for
+blocking code. No batching, no streaming, no auth, no queue limit, no lock (each ``generate``
+call serves exactly one request; concurrent requests run concurrent ``generate`` calls in the
+pool's threads, sharing the cores). ``ignore_eos`` works like vLLM's extension: the EOS token
+is suppressed until ``max_tokens`` are generated (``min_new_tokens = max_new_tokens``), so the
+completion is exactly ``max_tokens`` long.
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MODEL_DIR = os.environ["PLAIN_SERVER_MODEL"]
+DTYPE = DTYPES[os.environ.get("PLAIN_SERVER_DTYPE", "float32")]
 tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
-model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32).eval()
+model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=DTYPE).eval()
 app = FastAPI()
 
 
@@ -29,6 +34,7 @@ class Completion(BaseModel):
     prompt: str
     max_tokens: int = 16
     temperature: float = 0.0
+    ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens
 
 
 @app.get("/health")
@@ -42,6 +48,8 @@ def completions(req: Completion) -> dict:
     sampling = (
         {"do_sample": True, "temperature": req.temperature} if req.temperature > 0 else {"do_sample": False}
     )
+    if req.ignore_eos:
+        sampling["min_new_tokens"] = req.max_tokens  # EOS is masked until max_tokens are out
     with torch.no_grad():
         out = model.generate(
             **inputs, max_new_tokens=req.max_tokens, pad_token_id=tokenizer.pad_token_id, **sampling

@@ -23,7 +23,7 @@ def machine_line() -> str:
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "n/a"
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     return f"{now}: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, commit {commit}"
 
 
