@@ -51,14 +51,43 @@ Exported {datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")} from `{info.get("che
 |---|---|
 {metric_rows}
 {extra}
-## Load
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-model = AutoModelForCausalLM.from_pretrained("{model_dir.name}")
-tokenizer = AutoTokenizer.from_pretrained("{model_dir.name}")
-```
-"""
+{_load_section(model_dir.name, meta)}"""
     (model_dir / "README.md").write_text(text)
+
+
+def _load_section(name: str, meta: dict[str, Any]) -> str:
+    """How to load and serve this export; right for its kind (plain, classifier, compacted, sparse)."""
+    method = meta.get("config", {}).get("prune", {}).get("method", "none")
+    classifier = meta.get("task") == "classification"
+    if method == "none":
+        auto = "AutoModelForSequenceClassification" if classifier else "AutoModelForCausalLM"
+        load = f'from transformers import {auto}\nmodel = {auto}.from_pretrained("{name}")'
+    else:
+        load = f'from bloomray.model.load import load_model  # reads compacted and sparse exports\nmodel = load_model("{name}")'
+    if classifier:
+        serving = "`bloomray serve --model DIR` serves it on transformers at `POST /v1/classify`."
+    elif method == "structured":
+        serving = (
+            "`bloomray serve --model DIR` serves it on vLLM through bloomray's vLLM plugin "
+            "(architecture `BloomrayCompactForCausalLM`, per-layer head and neuron counts)."
+        )
+    elif method in ("magnitude", "2:4"):
+        serving = (
+            "`bloomray serve --model DIR` serves it densely on vLLM: the sparse file is expanded once "
+            "into `vllm-dense/` inside this dir (dense kernels cannot use unstructured zeros)."
+        )
+    else:
+        serving = "`bloomray serve --model DIR` serves it on vLLM (continuous batching, OpenAI API)."
+    return f"""## Load
+```python
+{load}
+from transformers import AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained("{name}")
+```
+
+## Serve
+{serving}
+"""
 
 
 def _pruning_section(meta: dict[str, Any], info: dict[str, Any]) -> str:
