@@ -139,6 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
+        "quantize",
+        help="write a W8A8 int8 copy of a model dir for vLLM (compressed-tensors format)",
+        description="Quantize the transformer-block Linear weights of an export to int8 (per output channel; "
+        "activations per token at run time) in the compressed-tensors format vLLM runs on CPU and GPU. "
+        "`bloomray serve` does this itself with the serve arg quantize: w8a8.",
+    )
+    p.add_argument("--model", required=True, help="an export dir (dense or compacted)")
+    p.add_argument("--output", required=True, help="target dir (must not exist)")
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser(
         "demo",
         help="the end-to-end demo on the embedded corpus (what `make demo` runs)",
         description="Pretrain a small BLOOM on the embedded corpus, search learning rate x structured pruning "
@@ -196,6 +207,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         models[name if sep else ("default" if i == 0 else Path(item).name)] = path if sep else item
     url = start_server(models or None, args.config or DEFAULT_CONFIG, args.port, args.address, host=args.host)
     return serve_forever(url)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from bloomray.serving.quantize import quantize_w8a8
+
+    out = quantize_w8a8(args.model, args.output)
+    print(f"[quantize] wrote {out}")
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ VERB_OPTIONS = {
     "demo": ["--output", "--set", "--trials"],
     "tune": ["--config", "--output", "--set", "--resume", "--address"],
     "serve": ["--model", "--config", "--port", "--host", "--address"],
+    "quantize": ["--model", "--output"],
 }
 
 

@@ -25,6 +25,7 @@ from bloomray.serving.options import ServeOptions
 
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)  # vLLM's CPU attention kernels
 DENSE_DIR = "vllm-dense"  # where a sparse export's dense copy is cached (inside the export)
+W8A8_DIR = "vllm-w8a8"  # where the int8 copy is cached (inside the served dir)
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -97,6 +98,22 @@ def dense_copy(path: str) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return str(out)
+
+
+def w8a8_copy(path: str) -> str:
+    """The W8A8 int8 copy of a model dir (compressed-tensors, run by vLLM), written once inside it."""
+    from bloomray.serving.quantize import quantize_w8a8
+
+    out = Path(path) / W8A8_DIR
+    if not (out / "config.json").is_file():
+        quantize_w8a8(path, out)  # atomic: a temp dir renamed into place
+    return str(out)
+
+
+def engine_source(meta: dict[str, Any], opts: ServeOptions) -> str:
+    """What vLLM loads for an inspected causal-LM dir: dense (sparse expanded), int8 if asked."""
+    path = dense_copy(meta["path"]) if meta["sparse"] else meta["path"]
+    return w8a8_copy(path) if opts.quantize == "w8a8" else path
 
 
 def use_gpu(opts: ServeOptions) -> bool:

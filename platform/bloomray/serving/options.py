@@ -18,7 +18,8 @@ class ServeOptions:
     not HTTP requests.
     """
 
-    dtype: str = "bfloat16"  # engine dtype; float32 for exact comparisons with transformers
+    dtype: str = "auto"  # engine dtype (auto: vLLM picks from the model; float32 for exact comparisons)
+    quantize: str = "none"  # w8a8: serve an int8 (compressed-tensors) copy, written once next to the model
     device: str = "auto"  # auto: GPU when the Ray cluster has GPUs, else CPU
     max_context: int = 2048  # prompt + completion tokens (vLLM max_model_len)
     max_tokens_limit: int = 512  # largest max_tokens a request may ask for
@@ -52,6 +53,8 @@ class ServeOptions:
                 f"serve args: max_tokens_limit ({opts.max_tokens_limit}) must be below max_context "
                 f"({opts.max_context}) so a prompt fits"
             )
+        if opts.quantize not in ("none", "w8a8"):
+            raise ConfigError(f"serve args: quantize must be none or w8a8, not {opts.quantize!r}")
         if opts.device not in ("auto", "cpu", "gpu"):
             raise ConfigError(f"serve args: device must be auto, cpu or gpu, not {opts.device!r}")
         if opts.dtype not in ("auto", "bfloat16", "float16", "float32"):
