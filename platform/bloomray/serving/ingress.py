@@ -57,6 +57,10 @@ class BloomIngress:
         self.opts = ServeOptions.from_args(options)
         self.inflight = 0
         self.metrics = ServeMetrics()
+        # vLLM's request types (a heavy import): at replica start, never inside a request.
+        from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
+
+        self.engine_chat, self.engine_completion = ChatCompletionRequest, CompletionRequest
 
     # ------------------------------------------------------------------ checks
 
@@ -210,9 +214,6 @@ class BloomIngress:
         return APIError(504, f"generation took longer than {self.opts.request_timeout_s}s", code="timeout")
 
     async def _generate(self, request: Request, schema: type, method: str, default_tokens: int) -> Any:
-        from ray.serve.llm.openai_api_models import ChatCompletionRequest
-        from ray.serve.llm.openai_api_models import CompletionRequest as EngineCompletion
-
         start = time.perf_counter()
         try:
             self._auth(request)
@@ -222,9 +223,9 @@ class BloomIngress:
             fields = {"max_tokens": default_tokens, **req.sampling(), "model": name}
             if method == "chat":
                 fields["messages"] = [m.model_dump(exclude_none=True) for m in req.messages]
-                engine_req: Any = ChatCompletionRequest(**fields)
+                engine_req: Any = self.engine_chat(**fields)
             else:
-                engine_req = EngineCompletion(**fields)
+                engine_req = self.engine_completion(**fields)
             units = len(req.prompts()) * req.n
             if req.stream:
                 return await self._stream(name, method, engine_req, units, start)
@@ -274,16 +275,18 @@ class BloomIngress:
         deadline = time.monotonic() + self.opts.request_timeout_s
 
         async def events() -> AsyncIterator[str]:
-            count, first_seen = 0, False
+            self.metrics.ttft.observe((time.perf_counter() - start) * 1000)
+            count = 0
             try:
                 item: Any = first
                 while True:
-                    for chunk in item if isinstance(item, list) else [item]:
-                        if not first_seen:
-                            self.metrics.ttft.observe((time.perf_counter() - start) * 1000)
-                            first_seen = True
-                        count += 1
-                        yield chunk if isinstance(chunk, str) else f"data: {chunk.model_dump_json()}\n\n"
+                    # The engine batches stream chunks (every 50 ms); one write per batch, since
+                    # every write is a message from this replica to the HTTP proxy.
+                    chunks = item if isinstance(item, list) else [item]
+                    count += len(chunks)
+                    yield "".join(
+                        c if isinstance(c, str) else f"data: {c.model_dump_json()}\n\n" for c in chunks
+                    )
                     try:
                         async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                             item = await gen.__anext__()
