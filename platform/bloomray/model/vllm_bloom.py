@@ -20,6 +20,9 @@ keeps, per layer, a subset of the original attention heads and MLP neurons:
   e.g. per-channel scales, take the same path as the weights).
 
 Only tensor- and pipeline-parallel size 1 is supported (asserted at construction).
+
+(Longer than bloomray's usual ~300 lines: vLLM's module interface — layers, model, causal-LM
+wrapper and weight loading — is one unit that vLLM imports by name.)
 """
 
 import math
