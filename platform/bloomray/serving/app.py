@@ -12,7 +12,7 @@ from typing import Any
 from ray import serve
 
 from bloomray.config import ConfigError
-from bloomray.serving.engines import classifier_deployment, engine_source, inspect_model_dir, llm_deployment
+from bloomray.serving.engines import classifier_deployment, inspect_model_dir, llm_deployment
 from bloomray.serving.ingress import BloomIngress
 from bloomray.serving.options import ServeOptions
 
@@ -44,6 +44,6 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         if meta["task"] == "classification":
             classifiers[name] = classifier_deployment(name, meta["path"], opts)
         else:
-            engines[name] = llm_deployment(name, engine_source(meta, opts), opts)
+            engines[name] = llm_deployment(name, meta, opts)
     ingress = BloomIngress.options(**ingress_options) if ingress_options else BloomIngress
     return ingress.bind(engines=engines, classifiers=classifiers, models=info, options=args)

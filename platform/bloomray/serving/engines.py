@@ -124,12 +124,17 @@ def use_gpu(opts: ServeOptions) -> bool:
     return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
 
 
-def llm_deployment(name: str, path: str, opts: ServeOptions) -> serve.Application:
-    """An ``LLMServer`` deployment (Ray Serve LLM + vLLM) serving ``path`` as model ``name``."""
+def llm_deployment(name: str, meta: dict[str, Any], opts: ServeOptions) -> serve.Application:
+    """An ``LLMServer`` deployment (Ray Serve LLM + vLLM) serving an inspected dir as model ``name``.
+
+    Args:
+        meta: :func:`inspect_model_dir`'s answer; the head size is checked before any copy
+            (dense expansion, int8) is written.
+    """
     from ray.serve.llm import LLMConfig, build_llm_deployment
 
     gpu = use_gpu(opts)
-    head_size = inspect_model_dir(name, path)["head_size"]
+    head_size = meta["head_size"]
     if not gpu and head_size not in CPU_HEAD_SIZES:
         raise ConfigError(
             f"model {name!r}: head size {head_size} is not one vLLM's CPU attention runs "
@@ -151,7 +156,7 @@ def llm_deployment(name: str, path: str, opts: ServeOptions) -> serve.Applicatio
         # Without a CPU-only bundle Ray Serve LLM asks for a GPU and waits forever.
         placement = {"bundle_per_worker": {"CPU": opts.cpus_per_engine}}
     config = LLMConfig(
-        model_loading_config={"model_id": name, "model_source": path},
+        model_loading_config={"model_id": name, "model_source": engine_source(meta, opts)},
         engine_kwargs=engine_kwargs,
         placement_group_config=placement,
         runtime_env={"env_vars": env},

@@ -108,9 +108,12 @@ def test_inspect_model_dir_names_what_is_wrong(tmp_path):
 def test_cpu_engine_refuses_a_head_size_vllm_cannot_run(tmp_path):
     from tiny_bloom import make_model
 
-    from bloomray.serving.engines import llm_deployment
+    from bloomray.serving.engines import inspect_model_dir, llm_deployment
 
     make_model().save_pretrained(tmp_path)  # hidden 64 / 4 heads: head size 16
     (tmp_path / "tokenizer.json").write_text("{}")
     with pytest.raises(ConfigError, match="head size 16"):
-        llm_deployment("m", str(tmp_path), ServeOptions(device="cpu"))
+        llm_deployment(
+            "m", inspect_model_dir("m", str(tmp_path)), ServeOptions(device="cpu", quantize="w8a8")
+        )
+    assert not (tmp_path / "vllm-w8a8").exists(), "no int8 copy written before the check"
