@@ -32,6 +32,18 @@ def ensure_local_ray() -> None:
         )
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` skip cleanly (with the reason) where no CUDA device is present."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is false)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     """A running local Ray, shared by every test of the session (restarted if a test stopped it)."""

@@ -38,6 +38,9 @@ class LoraConfig(_Section):
 class ModelConfig(_Section):
     preset: Literal["tiny", "small", "bloom-560m", "bloom-1b7", "bloom-7b1"] = "tiny"
     path: str | None = None  # local HF dir (or hub name) for from_pretrained; overrides preset
+    # Preset models only: the embedding rows (BLOOM pads 250,680 tokens to 250,880); None = the
+    # tokenizer's size. Must hold every tokenizer id.
+    vocab_size: int | None = Field(None, ge=8)
     num_labels: int | None = Field(None, ge=2)  # classification; default: from the data
     activation_checkpointing: bool = False
     lora: LoraConfig = LoraConfig()
@@ -244,6 +247,11 @@ def check_combinations(cfg: Config) -> None:
         raise ValueError(
             "model.lora.enabled=true trains adapters on a pretrained model: set model.path "
             "to a model directory (LoRA on random weights learns nothing useful)"
+        )
+    if cfg.model.vocab_size is not None and cfg.model.path is not None:
+        raise ValueError(
+            "model.vocab_size sizes a preset model's embeddings; a pretrained model.path keeps its own "
+            "vocabulary: unset model.vocab_size"
         )
     p = cfg.prune
     if p.method != "none":

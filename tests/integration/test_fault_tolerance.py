@@ -129,7 +129,9 @@ def test_two_node_cluster_recovers_from_node_loss(tmp_path):
         )
         out = tmp_path / "run"
         thread, box = _start(cfg, out)
-        ckpt_root = shared / out.name
+        from bloomray.train.run import checkpoint_location
+
+        ckpt_root = Path("/".join(checkpoint_location(cfg, out.resolve())))
         _wait_for_checkpoint(ckpt_root, box, min_step=10)
         nodes_used = {
             node

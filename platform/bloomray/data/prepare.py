@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 from bloomray.config import Config
 from bloomray.data.corpus import DataError, Rows, read_documents, read_rows
 from bloomray.data.packing import encode_classification, pack_blocks, split_indices, tokenize_documents
-from bloomray.data.tokenizer import load_tokenizer, train_tokenizer
+from bloomray.data.tokenizer import TokenizerError, load_tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -34,41 +34,76 @@ class PreparedData:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def prepare_data(cfg: Config, tokenizer_dir: Path | None = None) -> PreparedData:
+def prepare_data(
+    cfg: Config, tokenizer_dir: Path | None = None, tokenizer: PreTrainedTokenizerBase | None = None
+) -> PreparedData:
     """Load the corpus, get a tokenizer, and build train/eval arrays for ``cfg.task``.
 
     Args:
         cfg: the run config.
         tokenizer_dir: where to save the tokenizer (the workers and export reload it).
+        tokenizer: use this one (a resumed run's own) instead of :func:`configured_tokenizer`.
 
     Raises:
         DataError: unreadable data, bad rows with ``data.bad_rows=fail``, too little data.
+        TokenizerError: the configured tokenizer cannot be loaded or is not the model's own.
     """
+    tokenizer = tokenizer or configured_tokenizer(cfg)
     if cfg.task == "classification":
-        data = _prepare_classification(cfg)
+        data = _prepare_classification(cfg, tokenizer)
     else:
-        data = _prepare_causal(cfg)
+        data = _prepare_causal(cfg, tokenizer)
     if tokenizer_dir is not None:
         data.tokenizer.save_pretrained(str(tokenizer_dir))
     log.info("data: %s", data.stats)
     return data
 
 
-def get_tokenizer(cfg: Config, texts: list[str]) -> PreTrainedTokenizerBase:
-    """The configured tokenizer, the model dir's, or a BPE trained on ``texts``."""
-    tcfg = cfg.data.tokenizer
-    if tcfg.path:
-        return load_tokenizer(tcfg.path)
-    if cfg.model.path and (Path(cfg.model.path) / "tokenizer.json").exists():
-        return load_tokenizer(cfg.model.path)
-    return train_tokenizer(texts, tcfg.vocab_size, tcfg.min_frequency)
+def configured_tokenizer(cfg: Config) -> PreTrainedTokenizerBase | None:
+    """The run's tokenizer when it is loaded, not trained; None when one must be trained.
+
+    A pretrained model (``model.path``, a dir or hub name) keeps its own tokenizer, loaded from
+    the same place unless ``data.tokenizer.path`` names another copy of it. A byte-level BPE is
+    trained on the corpus only for models built from a preset without ``data.tokenizer.path``.
+    Called before the corpus is read, so a wrong tokenizer stops the run at once.
+
+    Raises:
+        TokenizerError: no tokenizer at ``model.path``, or ``data.tokenizer.path`` holds a
+            tokenizer that is not the model's own.
+    """
+    tcfg, model_path = cfg.data.tokenizer, cfg.model.path
+    if model_path is None:
+        return load_tokenizer(tcfg.path) if tcfg.path else None
+    if tcfg.path is None:
+        local = Path(model_path).expanduser()
+        if local.is_dir() and not _has_tokenizer(local):
+            raise TokenizerError(
+                f"model.path={model_path} has no tokenizer files (tokenizer.json or tokenizer_config.json); "
+                "a pretrained model needs its own tokenizer: set data.tokenizer.path to it"
+            )
+        return load_tokenizer(model_path)
+    tok = load_tokenizer(tcfg.path)
+    local = Path(model_path).expanduser()
+    if not local.is_dir() or _has_tokenizer(local):  # the model's own copy is there to compare with
+        own = load_tokenizer(model_path)
+        if own.get_vocab() != tok.get_vocab():
+            raise TokenizerError(
+                f"data.tokenizer.path={tcfg.path} ({len(tok)} tokens) is not the tokenizer of "
+                f"model.path={model_path} ({len(own)} tokens): their vocabularies differ, so every id "
+                "would mean another token. Leave data.tokenizer.path unset to use the model's own"
+            )
+    return tok
 
 
-def _prepare_causal(cfg: Config) -> PreparedData:
+def _has_tokenizer(model_dir: Path) -> bool:
+    return any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+
+
+def _prepare_causal(cfg: Config, tok: PreTrainedTokenizerBase | None) -> PreparedData:
     d = cfg.data
     docs, rows = read_documents(d.path, d.text_column, d.bad_rows)
     docs = docs[: d.max_documents] if d.max_documents else docs
-    tok = get_tokenizer(cfg, docs)
+    tok = tok or train_tokenizer(docs, d.tokenizer.vocab_size, d.tokenizer.min_frequency)
     blocks = pack_blocks(tokenize_documents(tok, docs), d.block_size)
     if d.eval_path:
         eval_docs, _ = read_documents(d.eval_path, d.text_column, d.bad_rows)
@@ -94,7 +129,7 @@ def _prepare_causal(cfg: Config) -> PreparedData:
     return PreparedData(tok, {"input_ids": train_blocks}, {"input_ids": eval_blocks}, None, stats)
 
 
-def _prepare_classification(cfg: Config) -> PreparedData:
+def _prepare_classification(cfg: Config, tok: PreTrainedTokenizerBase | None) -> PreparedData:
     d = cfg.data
     if d.path is None:
         raise DataError(
@@ -113,7 +148,7 @@ def _prepare_classification(cfg: Config) -> PreparedData:
         tr, ev = split_indices(len(texts), d.eval_fraction, d.seed)
         etexts, elabels = [texts[i] for i in ev], labels[ev]
         texts, labels = [texts[i] for i in tr], labels[tr]
-    tok = get_tokenizer(cfg, texts)
+    tok = tok or train_tokenizer(texts, d.tokenizer.vocab_size, d.tokenizer.min_frequency)
     train = {**encode_classification(tok, texts, d.block_size), "labels": labels}
     evald = {**encode_classification(tok, etexts, d.block_size), "labels": elabels}
     stats = {

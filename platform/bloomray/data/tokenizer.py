@@ -48,11 +48,16 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     try:
         tok = AutoTokenizer.from_pretrained(str(local) if local.exists() else path)
     except (OSError, ValueError) as exc:
+        if local.exists():
+            hint = "pass a directory holding tokenizer.json (a saved HF tokenizer)"
+        else:
+            hint = (
+                "download it where you have network (huggingface-cli download NAME --local-dir DIR) "
+                "and pass DIR"
+            )
         where = "directory" if local.exists() else "hub name"
         raise TokenizerError(
-            f"could not load a tokenizer from {where} {path!r} ({str(exc)[:200]}). Pass a local "
-            "directory holding tokenizer.json (a saved HF tokenizer), or leave "
-            "data.tokenizer.path unset to train one on the corpus"
+            f"could not load a tokenizer from {where} {path!r} ({' '.join(str(exc).split())[:200]}); {hint}"
         ) from None
     if tok.pad_token is None:
         # BLOOM tokenizers define <pad>; others (GPT-2 style) reuse EOS for padding.

@@ -75,10 +75,15 @@ def resolve_model_config(
     path: str | None,
     tokenizer: Any,
     id2label: dict[int, str] | None = None,
+    vocab_size: int | None = None,
 ) -> dict[str, Any]:
     """The model config (as a dict) that every worker builds from.
 
     For a pretrained path the stored config is used; the vocabulary must fit the tokenizer.
+    ``vocab_size`` (presets only) pads the embedding beyond the tokenizer, as real BLOOM does.
+
+    Raises:
+        ModelLoadError: the tokenizer has ids the model's vocabulary cannot hold.
     """
     ids = {
         "bos_token_id": tokenizer.bos_token_id,
@@ -89,7 +94,12 @@ def resolve_model_config(
     if id2label:
         labels = {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
     if path is None:
-        return preset_config(preset, vocab_size=len(tokenizer), **ids, **labels).to_dict()
+        if vocab_size is not None and vocab_size < len(tokenizer):
+            raise ModelLoadError(
+                f"model.vocab_size={vocab_size} is below the tokenizer's {len(tokenizer)} tokens; "
+                "raise model.vocab_size or leave it unset"
+            )
+        return preset_config(preset, vocab_size=vocab_size or len(tokenizer), **ids, **labels).to_dict()
     local = Path(path).expanduser()
     try:
         config = BloomConfig.from_pretrained(str(local) if local.exists() else path)
@@ -98,8 +108,9 @@ def resolve_model_config(
         raise
     if config.vocab_size < len(tokenizer):
         raise ModelLoadError(
-            f"model {path} has vocab_size={config.vocab_size} but the tokenizer has {len(tokenizer)} "
-            "tokens; use the model's own tokenizer (leave data.tokenizer.path unset)"
+            f"model {path} has vocab_size={config.vocab_size} but the tokenizer "
+            f"{getattr(tokenizer, 'name_or_path', '') or '(trained)'} has {len(tokenizer)} tokens; use "
+            "the model's own tokenizer (leave data.tokenizer.path unset)"
         )
     config.update(
         {

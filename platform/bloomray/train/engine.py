@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 from typing import Any
 
 import torch
-from transformers import BloomConfig, get_scheduler
+from transformers import BloomConfig
 
 from bloomray.config import Config
 from bloomray.model.build import add_lora, build_from_config, load_pretrained
@@ -87,15 +89,42 @@ def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimize
     return torch.optim.AdamW(groups, **kw)
 
 
-def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
-    """Warmup then cosine/linear decay (or constant), from transformers' schedulers."""
-    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.train.lr_schedule]
-    return get_scheduler(
-        name, optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=total_steps
+def lr_multiplier(step: int, kind: str, warmup: int, segments: list[list[int]]) -> float:
+    """The LR factor at ``step``: linear warmup, then cosine/linear decay (or constant).
+
+    ``segments`` is ``[[0, total], [resume_step, new_total], ...]``. The first is the usual
+    schedule over ``total`` steps (as transformers' ``get_scheduler`` computes it). Each later
+    one starts where a resume raised the total: it starts from the factor the schedule had
+    reached at ``resume_step`` and decays with the same shape to zero at ``new_total``, so
+    extending ``train.max_steps`` on resume never makes the LR jump.
+    """
+    if step < warmup:
+        return step / max(1, warmup)
+    if kind == "constant":
+        return 1.0
+    i = max(j for j, (start, _) in enumerate(segments) if start <= step)
+    origin, end = max(segments[i][0], warmup), segments[i][1]
+    factor = 1.0 if i == 0 else lr_multiplier(origin, kind, warmup, segments[:i])
+    progress = min(1.0, max(0.0, (step - origin) / max(1, end - origin)))
+    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+    return factor * shape
+
+
+def build_scheduler(
+    cfg: Config, optimizer: torch.optim.Optimizer, total_steps: int, segments: list[list[int]] | None = None
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warmup then cosine/linear decay (or constant) over ``total_steps``, or over ``segments``
+    after resumes that extended the run (see :func:`lr_multiplier`)."""
+    segs = segments or [[0, total_steps]]
+    kind, warmup = cfg.train.lr_schedule, cfg.train.warmup_steps
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(lr_multiplier, kind=kind, warmup=warmup, segments=segs)
     )
 
 
-def build_engine(cfg: Config, model_config: dict[str, Any], total_steps: int) -> tuple[Any, torch.nn.Module]:
+def build_engine(
+    cfg: Config, model_config: dict[str, Any], total_steps: int, lr_segments: list[list[int]] | None = None
+) -> tuple[Any, torch.nn.Module]:
     """``deepspeed.initialize`` on the configured model, optimizer and scheduler.
 
     Returns:
@@ -106,7 +135,7 @@ def build_engine(cfg: Config, model_config: dict[str, Any], total_steps: int) ->
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     model = build_model(cfg, model_config)
     optimizer = build_optimizer(cfg, model)
-    scheduler = build_scheduler(cfg, optimizer, total_steps)
+    scheduler = build_scheduler(cfg, optimizer, total_steps, lr_segments)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg)
     )

@@ -15,18 +15,18 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-import torch.distributed as dist
 
 from bloomray.config import config_from_dict
 from bloomray.train.batches import ShardedBatches, eval_batches
 from bloomray.train.checkpoint import restore_latest, save_and_report
+from bloomray.train.collectives import all_reduce_sum, barrier
 from bloomray.train.engine import build_engine, compute_dtype
 from bloomray.train.metrics import (
     MetricSinks,
     flops_per_token,
     format_progress,
     matmul_params,
-    measure_peak_flops,
+    peak_flops,
     peak_memory_mb,
     perplexity,
 )
@@ -64,7 +64,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     data = ray.get(loop_cfg["data"])
     total = loop_cfg["total_steps"]
 
-    engine, model = build_engine(cfg, loop_cfg["model_config"], total)
+    engine, model = build_engine(cfg, loop_cfg["model_config"], total, loop_cfg["lr_segments"])
     hooks = build_hooks(cfg, engine, model, total)
     step, restarts, hook_states = restore_latest(engine)
     for hook, state in zip(hooks, hook_states, strict=False):
@@ -77,7 +77,8 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     meta = {**loop_cfg["meta"], "restarts": restarts} if is_rank0 else None
     tok_files = ray.get(loop_cfg["tokenizer"]) if is_rank0 else None
     ga = cfg.grad_accum_steps
-    loss_sum, n_loss, tokens, t0 = 0.0, 0, 0, time.perf_counter()
+    # The loss sum stays on the device: one host sync per log step, not one per micro-batch.
+    loss_sum, n_loss, tokens, t0 = torch.zeros((), device=device), 0, 0, time.perf_counter()
     metrics: dict[str, Any] = {}
     if is_rank0 and step:
         print(f"[bloomray] resumed from step {step}", flush=True)
@@ -97,7 +98,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
                 for hook in hooks:
                     hook.before_step(engine, step + 1)
             engine.step()
-            loss_sum += loss.item()
+            loss_sum += loss.detach().float()
             n_loss += 1
             tokens += batch["input_ids"].numel()
         step += 1
@@ -128,7 +129,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
             save_and_report(engine, step, metrics, meta, tok_files, probe if is_rank0 else None, states)
         else:
             ray.train.report(metrics)
-        loss_sum, n_loss, tokens, t0 = 0.0, 0, 0, time.perf_counter()
+        loss_sum, n_loss, tokens, t0 = torch.zeros((), device=device), 0, 0, time.perf_counter()
     if sinks:
         sinks.close()
 
@@ -142,7 +143,7 @@ def _forward(engine: Any, task: str, batch: dict[str, torch.Tensor]) -> torch.Te
 def _step_metrics(
     engine: Any,
     step: int,
-    loss_sum: float,
+    loss_sum: torch.Tensor,
     n_loss: int,
     tokens: int,
     elapsed: float,
@@ -151,8 +152,8 @@ def _step_metrics(
     device: torch.device,
 ) -> dict[str, Any]:
     """Loss averaged over ranks, global tokens/s and MFU since the last report."""
-    t = torch.tensor([loss_sum, n_loss, tokens], dtype=torch.float64)
-    dist.all_reduce(t)
+    counts = torch.tensor([n_loss, tokens], dtype=torch.float64, device=device)
+    t = all_reduce_sum(torch.cat([loss_sum.double().reshape(1), counts]), device)
     tok_s = t[2].item() / max(elapsed, 1e-9)
     gnorm = engine.get_global_grad_norm()
     return {
@@ -167,7 +168,6 @@ def _step_metrics(
     }
 
 
-@torch.no_grad()
 def evaluate(
     engine: Any,
     task: str,
@@ -175,29 +175,34 @@ def evaluate(
     device: torch.device,
     num_labels: int | None,
 ) -> dict[str, float]:
-    """Eval loss/perplexity (LM) or loss/accuracy/macro-F1 (classification) over all ranks."""
+    """Eval loss/perplexity (LM) or loss/accuracy/macro-F1 (classification) over all ranks.
+
+    Sums stay on the device until the one all-reduce at the end: no host sync per batch.
+    """
     engine.eval()
-    loss_sum = torch.zeros(2, dtype=torch.float64)
-    confusion = torch.zeros(num_labels or 1, num_labels or 1, dtype=torch.float64)
-    for b in batches:
-        b = {k: v.to(device) for k, v in b.items()}
-        out = (
-            engine(**b)
-            if task == "classification"
-            else engine(input_ids=b["input_ids"], labels=b["input_ids"])
-        )
-        n = b["input_ids"].shape[0]
-        loss_sum += torch.tensor([out.loss.float().item() * n, n], dtype=torch.float64)
-        if task == "classification":
-            pred = out.logits.argmax(-1).cpu()
-            for y, p in zip(b["labels"].cpu().tolist(), pred.tolist(), strict=True):
-                confusion[y, p] += 1
-    dist.all_reduce(loss_sum)
+    k = num_labels or 1
+    loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
+    confusion = torch.zeros(k * k, dtype=torch.float64, device=device)
+    with torch.no_grad():  # inference_mode tensors would break ZeRO-3's later re-gather
+        for b in batches:
+            b = {name: v.to(device) for name, v in b.items()}
+            out = (
+                engine(**b)
+                if task == "classification"
+                else engine(input_ids=b["input_ids"], labels=b["input_ids"])
+            )
+            n = b["input_ids"].shape[0]
+            loss_sum[0] += out.loss.double() * n
+            loss_sum[1] += n
+            if task == "classification":
+                cells = b["labels"] * k + out.logits.argmax(-1)
+                confusion += torch.bincount(cells, minlength=k * k).double()
     engine.train()
-    eval_loss = (loss_sum[0] / loss_sum[1]).item()
+    totals = all_reduce_sum(torch.cat([loss_sum, confusion]), device)
+    eval_loss = (totals[0] / totals[1]).item()
     if task != "classification":
         return {"eval_loss": eval_loss, "eval_perplexity": perplexity(eval_loss)}
-    dist.all_reduce(confusion)
+    confusion = totals[2:].reshape(k, k)
     return {"eval_loss": eval_loss, **classification_scores(confusion.numpy())}
 
 
@@ -239,13 +244,11 @@ def _flop_budget(
     n = matmul_params(model, mc["vocab_size"], mc["hidden_size"], lm_head=cfg.task == "causal_lm")
     seq = cfg.data.block_size
     fpt = flops_per_token(n, mc["n_layer"], mc["hidden_size"], seq, trainable / max(total, 1))
-    if cfg.scaling.peak_tflops:
-        peak = torch.tensor(cfg.scaling.peak_tflops * 1e12, dtype=torch.float64)
-    else:
-        dist.barrier()  # measure while every worker competes for the same cores, as in training
-        peak = torch.tensor(measure_peak_flops(compute_dtype(cfg), device), dtype=torch.float64)
-    dist.all_reduce(peak)
-    return fpt, peak.item()
+    barrier(device)  # measure while every worker competes for the same cores, as in training
+    peak = torch.tensor(
+        [peak_flops(cfg.scaling.peak_tflops, compute_dtype(cfg), device)], dtype=torch.float64
+    )
+    return fpt, all_reduce_sum(peak, device).item()
 
 
 def _sinks(cfg: Any, loop_cfg: dict[str, Any], rank: int, step: int) -> MetricSinks | None:

@@ -36,6 +36,50 @@ def matmul_params(model: torch.nn.Module, vocab_size: int, hidden: int, lm_head:
     return total - emb + (emb if lm_head else 0)
 
 
+# Datasheet dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, matched against
+# torch.cuda.get_device_name() in order (more specific names first). MFU on GPU is reported
+# against these, so it means what MFU means in papers and other frameworks.
+GPU_BF16_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),
+    ("H200", 989.0),
+    ("GH200", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+    ("A10G", 70.0),
+    ("A10", 125.0),
+)
+
+
+def datasheet_peak_tflops(device_name: str) -> float | None:
+    """The dense bf16 datasheet peak for a CUDA device name, or None if it is not in the table."""
+    for key, tflops in GPU_BF16_PEAK_TFLOPS:
+        if key.lower() in device_name.lower():
+            return tflops
+    return None
+
+
+def peak_flops(configured_tflops: float | None, dtype: torch.dtype, device: torch.device) -> float:
+    """Per-worker FLOP/s that MFU is measured against.
+
+    ``scaling.peak_tflops`` when set; on a GPU the datasheet dense bf16 peak of the device;
+    on CPU (no datasheet number applies) a matmul measured now, under the run's core sharing.
+    """
+    if configured_tflops:
+        return configured_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        tflops = datasheet_peak_tflops(name)
+        if tflops is not None:
+            return tflops * 1e12
+        log.warning("no datasheet peak for %r: MFU uses a measured matmul; set scaling.peak_tflops", name)
+    return measure_peak_flops(dtype, device)
+
+
 def measure_peak_flops(dtype: torch.dtype, device: torch.device, seconds: float = 0.5) -> float:
     """Sustained matmul FLOP/s of this worker in ``dtype``: the MFU denominator.
 

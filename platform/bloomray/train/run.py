@@ -7,9 +7,11 @@ and ``config.yaml`` (the resolved config, which ``--resume`` reloads).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +21,20 @@ from ray.train.torch import TorchTrainer
 
 from bloomray.config import Config, ConfigError, dump_config, load_config
 from bloomray.data.prepare import PreparedData, prepare_data
+from bloomray.data.tokenizer import load_tokenizer
 from bloomray.model.build import resolve_model_config
 from bloomray.raycluster import init_ray, worker_env
 from bloomray.train.batches import steps_per_epoch, total_steps
 from bloomray.train.checkpoint import read_meta, read_tokenizer_files
 from bloomray.train.loop import train_loop_per_worker
+from bloomray.train.resume import (
+    ResumeContract,
+    check_resume,
+    extend_lr_segments,
+    fingerprint_arrays,
+    hash_dir,
+    latest_checkpoint_meta,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,37 +61,91 @@ def resume_config(out: Path, overrides: list[str] | None) -> Config:
     return load_config(out / "config.yaml", overrides)
 
 
-def build_loop_config(cfg: Config, out: Path, data: PreparedData, tokenizer_dir: Path) -> dict[str, Any]:
-    """Everything a worker needs, with bulky parts as object refs (shared across nodes)."""
+@dataclass(frozen=True)
+class RunPlan:
+    """What the driver decides before Ray starts: the model shape, the step budget, and what a
+    resume must keep (recorded in every checkpoint)."""
+
+    model_config: dict[str, Any]
+    total_steps: int
+    contract: ResumeContract
+    lr_segments: list[list[int]]
+    resumed_from: int  # the checkpoint step this run continues (0 for a new run)
+
+
+def checkpoint_location(cfg: Config, out: Path) -> tuple[str, str]:
+    """(storage, name) of the Ray Train run that holds this run's checkpoints.
+
+    Without ``output.storage_path`` they live in ``OUTPUT/checkpoints``. With it (shared or
+    cloud storage) the name carries a hash of the output dir's full path, so two runs whose
+    output dirs share a basename never share checkpoints.
+    """
+    if not cfg.output.storage_path:
+        return str(out), "checkpoints"
+    digest = hashlib.sha256(str(out).encode()).hexdigest()[:8]
+    return cfg.output.storage_path, f"{out.name}-{digest}"
+
+
+def plan_run(cfg: Config, out: Path, data: PreparedData, tokenizer_dir: Path) -> RunPlan:
+    """Check the model against the tokenizer and a resume against its checkpoint (no Ray needed).
+
+    Raises:
+        ModelLoadError: the tokenizer's ids do not fit the model's vocabulary.
+        ConfigError: too little eval data, or settings a resume cannot change.
+    """
     n_train = len(data.train["input_ids"])
     per_epoch = steps_per_epoch(
         n_train, cfg.scaling.num_workers, cfg.train.micro_batch_size, cfg.grad_accum_steps
     )
     total = total_steps(cfg.train.max_steps, cfg.train.epochs, per_epoch)
     model_config = resolve_model_config(
-        cfg.task, cfg.model.preset, cfg.model.path, data.tokenizer, data.id2label
+        cfg.task, cfg.model.preset, cfg.model.path, data.tokenizer, data.id2label, cfg.model.vocab_size
     )
     if len(data.eval["input_ids"]) < cfg.scaling.num_workers:
         raise ConfigError(
             f"{len(data.eval['input_ids'])} eval examples for {cfg.scaling.num_workers} workers; "
             "raise data.eval_fraction or give data.eval_path"
         )
+    contract = ResumeContract(
+        world_size=cfg.scaling.num_workers,
+        micro_batch_size=cfg.train.micro_batch_size,
+        global_batch_size=cfg.train.global_batch_size,
+        train_seed=cfg.train.seed,
+        data_seed=cfg.data.seed,
+        data_fingerprint=fingerprint_arrays({"train": data.train, "eval": data.eval}),
+        tokenizer_hash=hash_dir(tokenizer_dir),
+        total_steps=total,
+    )
+    saved = latest_checkpoint_meta(*checkpoint_location(cfg, out))
+    step = int(saved["step"]) if saved else 0
+    if saved and "resume_contract" in saved:
+        check_resume(saved["resume_contract"], contract, step)
+    return RunPlan(model_config, total, contract, extend_lr_segments(saved, step, total), step)
+
+
+def build_loop_config(
+    cfg: Config, out: Path, data: PreparedData, tokenizer_dir: Path, plan: RunPlan
+) -> dict[str, Any]:
+    """Everything a worker needs, with bulky parts as object refs (shared across nodes)."""
     meta = {
         "task": cfg.task,
-        "model_config": model_config,
+        "model_config": plan.model_config,
         "lora": cfg.model.lora.model_dump() if cfg.model.lora.enabled else None,
         "base_model": cfg.model.path,
         "config": cfg.model_dump(mode="json"),
         "data": data.stats,
-        "total_steps": total,
+        "total_steps": plan.total_steps,
+        "resume_contract": plan.contract.to_dict(),
+        "lr_segments": plan.lr_segments,
     }
     return {
         "config": cfg.model_dump(mode="json"),
         "data": ray.put({"train": data.train, "eval": data.eval}),
         "tokenizer": ray.put(read_tokenizer_files(tokenizer_dir)),
-        "model_config": model_config,
+        "model_config": plan.model_config,
         "num_labels": len(data.id2label) if data.id2label else None,
-        "total_steps": total,
+        "total_steps": plan.total_steps,
+        "lr_segments": plan.lr_segments,
         "meta": meta,
         "log_dir": str(out / "logs"),
         "run_name": out.name,
@@ -96,9 +161,7 @@ def build_trainer(
     With ``output.storage_path`` (shared or cloud storage on a cluster) they live in
     ``storage_path/<output dir name>`` instead.
     """
-    storage, name = (
-        (cfg.output.storage_path, out.name) if cfg.output.storage_path else (str(out), "checkpoints")
-    )
+    storage, name = checkpoint_location(cfg, out)
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
     return TorchTrainer(
@@ -132,22 +195,33 @@ def run_training(cfg: Config, output_dir: str | Path, resume: bool = False) -> d
     check_output_dir(out, resume)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer_dir = out / "tokenizer"
-    data = prepare_data(cfg, tokenizer_dir)
+    if resume:  # the run's own tokenizer: never re-trained or overwritten
+        data = prepare_data(cfg, tokenizer=load_tokenizer(str(tokenizer_dir)))
+    else:
+        data = prepare_data(cfg, tokenizer_dir)
+    plan = plan_run(cfg, out, data, tokenizer_dir)
     dump_config(cfg, out / "config.yaml")
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
-    return train_prepared(cfg, out, data, tokenizer_dir)
+    return train_prepared(cfg, out, data, tokenizer_dir, plan=plan)
 
 
 def train_prepared(
-    cfg: Config, out: Path, data: PreparedData, tokenizer_dir: Path, callbacks: list[Any] | None = None
+    cfg: Config,
+    out: Path,
+    data: PreparedData,
+    tokenizer_dir: Path,
+    callbacks: list[Any] | None = None,
+    plan: RunPlan | None = None,
 ) -> dict[str, Any]:
     """Run the Ray Train job on prepared data, then summarise and export (Ray already up).
 
-    Re-running it on the same ``out`` resumes from the latest checkpoint there.
+    Re-running it on the same ``out`` resumes from the latest checkpoint there (after the
+    same checks as :func:`plan_run`).
     """
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.scaling.worker_start_timeout_s)
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # else each progress line prints twice
-    loop_config = build_loop_config(cfg, out, data, tokenizer_dir)
+    plan = plan or plan_run(cfg, out, data, tokenizer_dir)
+    loop_config = build_loop_config(cfg, out, data, tokenizer_dir, plan)
     trainer = build_trainer(cfg, out, loop_config, callbacks)
     try:
         result = trainer.fit()

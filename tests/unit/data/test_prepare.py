@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bloomray.config import load_config
+from bloomray.config import PRESET_DIR, load_config
 from bloomray.data.corpus import DataError
-from bloomray.data.prepare import get_tokenizer, prepare_data
-from bloomray.data.tokenizer import load_tokenizer, train_tokenizer
+from bloomray.data.prepare import configured_tokenizer, prepare_data
+from bloomray.data.tokenizer import TokenizerError, load_tokenizer, train_tokenizer
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
 
@@ -224,16 +224,52 @@ def test_classification_separate_eval_file(tmp_path: Path):
     assert data.stats["bad_rows"] == 1  # the eval file's unknown label 'c'
 
 
-def test_get_tokenizer_prefers_configured_then_model_dir(tmp_path: Path):
-    texts = [paragraphs(10)]
-    saved = train_tokenizer(texts, vocab_size=270)
+def test_tokenizer_comes_from_the_configured_path_then_the_model(tmp_path: Path):
+    saved = train_tokenizer([paragraphs(10)], vocab_size=270)
     saved.save_pretrained(str(tmp_path / "tok"))
     cfg = causal_cfg(None, f"data.tokenizer.path={tmp_path / 'tok'}")
-    assert len(get_tokenizer(cfg, ["other text"])) == len(saved)
+    assert configured_tokenizer(cfg).get_vocab() == saved.get_vocab()
     saved.save_pretrained(str(tmp_path / "model"))
     cfg = causal_cfg(None, f"model.path={tmp_path / 'model'}")
-    assert len(get_tokenizer(cfg, ["other text"])) == len(saved)
-    # A model dir without a tokenizer: train one on the texts.
-    cfg = causal_cfg(None, f"model.path={tmp_path / 'nothing'}")
-    fresh = get_tokenizer(cfg, texts)
-    assert len(fresh) > len(saved)  # data.tokenizer.vocab_size=300, not the saved 270
+    assert configured_tokenizer(cfg).get_vocab() == saved.get_vocab()
+    # Another copy of the model's own tokenizer is fine.
+    cfg = causal_cfg(None, f"model.path={tmp_path / 'model'}", f"data.tokenizer.path={tmp_path / 'tok'}")
+    assert configured_tokenizer(cfg).get_vocab() == saved.get_vocab()
+    # A preset model without data.tokenizer.path trains one (None = train).
+    assert configured_tokenizer(causal_cfg(None)) is None
+
+
+def test_pretrained_model_never_gets_a_trained_tokenizer(tmp_path: Path, monkeypatch):
+    import bloomray.data.prepare as prepare
+
+    def no_training(*a, **k):
+        raise AssertionError("a tokenizer was trained for a pretrained model")
+
+    monkeypatch.setattr(prepare, "train_tokenizer", no_training)
+    (tmp_path / "bare").mkdir()
+    with pytest.raises(TokenizerError, match="has no tokenizer files.*data.tokenizer.path"):
+        prepare_data(causal_cfg(None, f"model.path={tmp_path / 'bare'}"))
+    with pytest.raises(TokenizerError, match="hub name 'bigscience/bloom-560m'.*--local-dir"):
+        prepare_data(causal_cfg(None, "model.path=bigscience/bloom-560m"))
+
+
+def test_a_foreign_tokenizer_for_a_pretrained_model_names_both(tmp_path: Path):
+    train_tokenizer([paragraphs(10)], vocab_size=270).save_pretrained(str(tmp_path / "model"))
+    train_tokenizer([paragraphs(10)], vocab_size=300).save_pretrained(str(tmp_path / "other"))
+    cfg = causal_cfg(None, f"model.path={tmp_path / 'model'}", f"data.tokenizer.path={tmp_path / 'other'}")
+    with pytest.raises(TokenizerError) as err:
+        configured_tokenizer(cfg)
+    msg = str(err.value)
+    assert str(tmp_path / "model") in msg and str(tmp_path / "other") in msg and "not the tokenizer" in msg
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+def test_hub_named_presets_never_train_a_tokenizer(preset: str, monkeypatch):
+    import bloomray.data.prepare as prepare
+
+    cfg = load_config(preset)
+    if cfg.model.path is None:
+        return  # a preset-shape model: training its tokenizer is right
+    monkeypatch.setattr(prepare, "train_tokenizer", lambda *a, **k: pytest.fail("trained a tokenizer"))
+    with pytest.raises(TokenizerError, match=cfg.model.path):  # offline here: the hub load fails first
+        prepare_data(cfg)

@@ -72,3 +72,45 @@ def test_decay_is_monotone_after_warmup():
     for schedule in ("cosine", "linear"):
         after = lrs(schedule)[WARMUP:]
         assert all(a >= b for a, b in zip(after, after[1:], strict=False))
+
+
+def test_first_segment_equals_transformers_schedules():
+    from transformers import get_scheduler
+
+    names = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+    for schedule, hf_name in names.items():
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=LR)
+        hf = get_scheduler(hf_name, opt, num_warmup_steps=WARMUP, num_training_steps=TOTAL)
+        want = []
+        for _ in range(TOTAL + 1):
+            want.append(opt.param_groups[0]["lr"])
+            opt.step()
+            hf.step()
+        assert lrs(schedule) == pytest.approx(want, abs=1e-12), schedule
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+@pytest.mark.parametrize("resume_at", [2, 10])  # during warmup and after it
+def test_extending_total_on_resume_keeps_lr_continuous(schedule: str, resume_at: int):
+    from bloomray.train.engine import lr_multiplier
+
+    segments = [[0, TOTAL], [resume_at, 2 * TOTAL]]
+    old = [lr_multiplier(s, schedule, WARMUP, segments[:1]) for s in range(TOTAL + 1)]
+    new = [lr_multiplier(s, schedule, WARMUP, segments) for s in range(2 * TOTAL + 1)]
+    assert new[: resume_at + 1] == pytest.approx(old[: resume_at + 1])  # the past is unchanged
+    steps = [abs(a - b) for a, b in zip(new[WARMUP:], new[WARMUP + 1 :], strict=False)]
+    old_steps = [abs(a - b) for a, b in zip(old[WARMUP:], old[WARMUP + 1 :], strict=False)]
+    assert max(steps) <= max(old_steps) + 1e-12  # no jump larger than the schedule's own slope
+    assert new[2 * TOTAL] == pytest.approx(0.0, abs=1e-12)  # still decays to zero at the new end
+    assert new[TOTAL] > 0.05  # where the old schedule ended, the extended one is still going
+    after = new[max(WARMUP, resume_at) :]
+    assert all(a >= b for a, b in zip(after, after[1:], strict=False))
+
+
+def test_second_extension_continues_from_the_first():
+    from bloomray.train.engine import lr_multiplier
+
+    segs = [[0, 20], [10, 40], [30, 60]]
+    at_30 = lr_multiplier(30, "linear", 0, segs[:2])
+    assert lr_multiplier(30, "linear", 0, segs) == pytest.approx(at_30)
+    assert lr_multiplier(45, "linear", 0, segs) == pytest.approx(at_30 * 0.5)

@@ -1,0 +1,148 @@
+"""What a resume depends on, recorded in every checkpoint and checked before Ray starts.
+
+A resumed run must see the same samples in the same order with the same optimizer shape as
+the run it continues. The :class:`ResumeContract` holds everything that decides this (world
+size, batch sizes, seeds, a fingerprint of the packed data, a hash of the tokenizer files);
+:func:`check_resume` compares the checkpoint's contract with the new run's and stops with a
+message that names each change and how to proceed. ``total_steps`` may grow: the LR schedule
+then continues from the checkpoint's LR (see ``train/schedule.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bloomray.config import ConfigError
+
+META_FILE = "bloomray.json"  # the checkpoint's metadata (train/checkpoint.py writes it)
+
+
+@dataclass(frozen=True)
+class ResumeContract:
+    """The settings a checkpoint can only be continued with (``total_steps`` excepted)."""
+
+    world_size: int
+    micro_batch_size: int
+    global_batch_size: int
+    train_seed: int
+    data_seed: int
+    data_fingerprint: str
+    tokenizer_hash: str
+    total_steps: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ResumeContract:
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+
+
+# How to proceed when a setting changed, per field.
+_ADVICE = {
+    "world_size": "resume with scaling.num_workers={old} (elastic resume on another worker count is not "
+    "supported yet)",
+    "micro_batch_size": "resume with train.micro_batch_size={old}",
+    "global_batch_size": "resume with train.global_batch_size={old}",
+    "train_seed": "resume with train.seed={old}",
+    "data_seed": "resume with data.seed={old}",
+    "data_fingerprint": "the packed training data differs (files, text, block size or tokenizer changed); "
+    "resume on the original data",
+    "tokenizer_hash": "the tokenizer differs from the run's saved OUTPUT/tokenizer; resume without "
+    "data.tokenizer changes",
+}
+
+
+def fingerprint_arrays(arrays: dict[str, dict[str, np.ndarray]]) -> str:
+    """sha256 over the packed train/eval arrays (names, dtypes, shapes, bytes), order-stable."""
+    h = hashlib.sha256()
+    for split in sorted(arrays):
+        for name in sorted(arrays[split]):
+            a = np.ascontiguousarray(arrays[split][name])
+            h.update(f"{split}/{name}/{a.dtype.str}/{a.shape}".encode())
+            h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def hash_dir(path: Path) -> str:
+    """sha256 over the files of a directory (names and contents, sorted)."""
+    h = hashlib.sha256()
+    for p in sorted(x for x in path.iterdir() if x.is_file()):
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def latest_checkpoint_meta(storage: str, name: str) -> dict[str, Any] | None:
+    """``bloomray.json`` of the newest checkpoint under ``storage/name`` (any pyarrow filesystem).
+
+    Returns None when the run has no checkpoint yet (it then starts from step 0).
+    """
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(), storage)
+    run_dir = f"{root.rstrip('/')}/{name}"
+    if fs.get_file_info(run_dir).type != pafs.FileType.Directory:
+        return None
+    infos = fs.get_file_info(pafs.FileSelector(run_dir))
+    for d in sorted((i.path for i in infos if i.base_name.startswith("checkpoint_")), reverse=True):
+        meta = f"{d}/{META_FILE}"
+        if fs.get_file_info(meta).type == pafs.FileType.File:
+            with fs.open_input_stream(meta) as f:
+                return json.loads(f.read())
+    return None
+
+
+def check_resume(saved: dict[str, Any], new: ResumeContract, step: int) -> None:
+    """Stop before Ray when ``new`` cannot continue the checkpoint that recorded ``saved``.
+
+    Args:
+        saved: the checkpoint's recorded contract (``ResumeContract.to_dict``).
+        new: the contract of the run about to start.
+        step: the checkpoint's step.
+
+    Raises:
+        ConfigError: listing every changed setting with its old and new value and the fix.
+    """
+    old = ResumeContract.from_dict(saved)
+    problems = []
+    for f in dataclasses.fields(ResumeContract):
+        if f.name == "total_steps":
+            continue
+        a, b = getattr(old, f.name), getattr(new, f.name)
+        if a != b:
+            shown = (f"{a[:12]}… → {b[:12]}…") if isinstance(a, str) else f"{a} → {b}"
+            problems.append(f"{f.name}: {shown}; {_ADVICE[f.name].format(old=a)}")
+    if new.total_steps < step:
+        problems.append(
+            f"total_steps: {new.total_steps} is below the checkpoint's step {step}; raise train.max_steps "
+            f"to at least {step}"
+        )
+    if problems:
+        raise ConfigError(
+            "cannot resume: the run changed since its last checkpoint (step "
+            f"{step}):\n  " + "\n  ".join(problems) + "\nTo train with new settings, start a new run "
+            "(--output NEW) from this one's weights with model.path=OUTPUT/model."
+        )
+
+
+def extend_lr_segments(saved: dict[str, Any] | None, step: int, total: int) -> list[list[int]]:
+    """The LR schedule's segments ``[[start, end], ...]`` after resuming at ``step`` with ``total``.
+
+    A run starts with ``[[0, total]]``. A resume with a larger total adds ``[step, total]``: the
+    schedule continues from the LR it had at ``step`` and decays to the end over the new total
+    (no jump), see ``train/schedule.py``.
+    """
+    segments = [list(s) for s in (saved or {}).get("lr_segments") or []]
+    if not segments:
+        return [[0, total]]
+    if segments[-1][1] != total:
+        segments.append([step, total])
+    return segments
