@@ -31,6 +31,7 @@ from bloomray.config import Config, load_config
 from bloomray.data.prepare import PreparedData, prepare_data
 from bloomray.model.build import build_from_config, count_parameters, resolve_model_config
 from bloomray.train.batches import ShardedBatches
+from bloomray.train.checkpoint import load_deepspeed_file
 from bloomray.train.engine import build_optimizer, build_scheduler
 from bloomray.train.metrics import flops_per_token, matmul_params, measure_peak_flops, peak_memory_mb
 
@@ -146,13 +147,9 @@ def optimizer_state_mb(checkpoint: Path) -> list[float]:
     ds = checkpoint / "ds"
     shards = sorted(ds.glob("*optim_states.pt"))
     if shards:
-        return [_tensor_bytes(_load(p)) / 2**20 for p in shards]
-    states = _load(ds / "mp_rank_00_model_states.pt")
+        return [_tensor_bytes(load_deepspeed_file(p)) / 2**20 for p in shards]
+    states = load_deepspeed_file(ds / "mp_rank_00_model_states.pt")
     return [_tensor_bytes(states["optimizer"]) / 2**20]
-
-
-def _load(path: Path) -> Any:
-    return torch.load(path, map_location="cpu", weights_only=False)  # our own DeepSpeed files
 
 
 def _tensor_bytes(obj: Any, seen: set[int] | None = None) -> int:

@@ -11,7 +11,7 @@ import torch
 from bloomray.config import load_config
 from bloomray.model.export import consolidated_state_dict
 from bloomray.model.load import load_model
-from bloomray.train.checkpoint import DS_TAG, HOOKS_FILE
+from bloomray.train.checkpoint import DS_TAG, HOOKS_FILE, load_deepspeed_file
 from bloomray.train.run import run_training
 
 pytestmark = pytest.mark.integration
@@ -36,7 +36,7 @@ def _fp32_masters_stage0(
     ckpt: Path, model_names: list[str], shapes: dict[str, torch.Size]
 ) -> dict[str, torch.Tensor]:
     """DeepSpeed's ZeRO-0 bf16 optimizer masters (``fp32_groups``), matched to names by group order."""
-    states = torch.load(ckpt / DS_TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    states = load_deepspeed_file(ckpt / DS_TAG / "mp_rank_00_model_states.pt")
     groups = states["optimizer"]["fp32_groups"]
     # bloomray's param groups: weights with decay (>= 2-D, not LayerNorm) first, then the rest.
     decay = [n for n in model_names if len(shapes[n]) >= 2 and "layernorm" not in n.lower()]
@@ -53,7 +53,7 @@ def test_masks_hold_in_fp32_masters_under_zero(stage, tmp_path, ray_local):
     out = tmp_path / f"zero{stage}"
     summary = run_training(load_config("tiny-cpu", [*PRUNE, f"deepspeed.zero_stage={stage}"]), out)
     ckpt = Path(summary["checkpoint"])
-    masks = torch.load(ckpt / HOOKS_FILE, weights_only=False)[0]["masks"]
+    masks = torch.load(ckpt / HOOKS_FILE, weights_only=True)[0]["masks"]
     assert masks and all(0.45 < 1 - m.mean().item() < 0.55 for m in masks.values())
 
     model = load_model(out / "model")  # the exported (sparse-packed) model
@@ -84,7 +84,7 @@ def test_structured_taylor_and_2to4_masks_hold(stage, extra, tmp_path, ray_local
     out = tmp_path / "run"
     summary = run_training(load_config("tiny-cpu", [*PRUNE, f"deepspeed.zero_stage={stage}", *extra]), out)
     ckpt = Path(summary["checkpoint"])
-    masks = torch.load(ckpt / HOOKS_FILE, weights_only=False)[0]["masks"]
+    masks = torch.load(ckpt / HOOKS_FILE, weights_only=True)[0]["masks"]
     masters = consolidated_state_dict(ckpt)
     for name, mask in masks.items():
         assert torch.count_nonzero(masters[name][mask == 0]) == 0, name

@@ -18,7 +18,7 @@ from transformers import AutoTokenizer, BloomConfig
 
 from bloomray.model.build import add_lora, build_from_config, count_parameters, model_class
 from bloomray.model.card import write_model_card
-from bloomray.train.checkpoint import DS_TAG, PROBE_FILE, TOKENIZER_DIR, read_meta
+from bloomray.train.checkpoint import DS_TAG, PROBE_FILE, TOKENIZER_DIR, load_deepspeed_file, read_meta
 
 
 class ExportError(RuntimeError):
@@ -35,7 +35,7 @@ def consolidated_state_dict(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
         raise ExportError(f"{checkpoint_dir} has no DeepSpeed checkpoint (missing {DS_TAG}/)")
     if read_meta(checkpoint_dir)["config"]["deepspeed"]["zero_stage"] > 0:
         return dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=DS_TAG))
-    states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    states = load_deepspeed_file(tag_dir / "mp_rank_00_model_states.pt")
     return {k: v.float() for k, v in states["module"].items()}
 
 

@@ -68,11 +68,26 @@ def restore_latest(engine: Any) -> tuple[int, list[int], list[dict[str, Any]]]:
         meta_path = Path(d) / META_FILE
         previous = json.loads(meta_path.read_text()).get("restarts", []) if meta_path.exists() else []
         hooks_path = Path(d) / HOOKS_FILE
-        hook_states = torch.load(hooks_path, weights_only=False) if hooks_path.exists() else []
+        # masks (tensors) and floats only: the safe unpickler reads them, and nothing else runs
+        hook_states = torch.load(hooks_path, weights_only=True) if hooks_path.exists() else []
     if client_state is None:
         raise RuntimeError(f"checkpoint {ckpt.path} could not be loaded by DeepSpeed")
     step = int(client_state["step"])
     return step, [*previous, step], hook_states
+
+
+def load_deepspeed_file(path: Path) -> Any:
+    """A DeepSpeed ``*.pt`` file of a checkpoint, read with torch's safe (weights-only) unpickler.
+
+    Checkpoint storage may be shared, so nothing in it may run code on load: only tensors,
+    containers and the few DeepSpeed value types its state dicts hold are allowed.
+    """
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    with torch.serialization.safe_globals([fragment_address, ZeroStageEnum, LossScaler]):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def read_meta(checkpoint_dir: str | Path) -> dict[str, Any]:

@@ -19,9 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from bloomray.config import ConfigError
-
-META_FILE = "bloomray.json"  # the checkpoint's metadata (train/checkpoint.py writes it)
+from bloomray.config import Config, ConfigError
+from bloomray.train.checkpoint import META_FILE
 
 
 @dataclass(frozen=True)
@@ -130,6 +129,28 @@ def check_resume(saved: dict[str, Any], new: ResumeContract, step: int) -> None:
             "cannot resume: the run changed since its last checkpoint (step "
             f"{step}):\n  " + "\n  ".join(problems) + "\nTo train with new settings, start a new run "
             "(--output NEW) from this one's weights with model.path=OUTPUT/model."
+        )
+
+
+def check_tokenizer_settings(saved: Config, new: Config) -> None:
+    """A resume keeps the run's tokenizer (OUTPUT/tokenizer): refuse overrides that would change it.
+
+    Raises:
+        ConfigError: naming the changed key, its saved value and how to proceed.
+    """
+    changed = [
+        f"{key}: {a!r} → {b!r}"
+        for key, a, b in (
+            ("model.path", saved.model.path, new.model.path),
+            ("data.tokenizer", saved.data.tokenizer.model_dump(), new.data.tokenizer.model_dump()),
+        )
+        if a != b
+    ]
+    if changed:
+        raise ConfigError(
+            "cannot resume with another tokenizer or base model (the run keeps OUTPUT/tokenizer): "
+            + "; ".join(changed)
+            + ". Drop these overrides, or start a new run (--output NEW) with model.path=OUTPUT/model."
         )
 
 

@@ -30,6 +30,7 @@ from bloomray.train.loop import train_loop_per_worker
 from bloomray.train.resume import (
     ResumeContract,
     check_resume,
+    check_tokenizer_settings,
     extend_lr_segments,
     fingerprint_arrays,
     hash_dir,
@@ -70,7 +71,6 @@ class RunPlan:
     total_steps: int
     contract: ResumeContract
     lr_segments: list[list[int]]
-    resumed_from: int  # the checkpoint step this run continues (0 for a new run)
 
 
 def checkpoint_location(cfg: Config, out: Path) -> tuple[str, str]:
@@ -120,7 +120,7 @@ def plan_run(cfg: Config, out: Path, data: PreparedData, tokenizer_dir: Path) ->
     step = int(saved["step"]) if saved else 0
     if saved and "resume_contract" in saved:
         check_resume(saved["resume_contract"], contract, step)
-    return RunPlan(model_config, total, contract, extend_lr_segments(saved, step, total), step)
+    return RunPlan(model_config, total, contract, extend_lr_segments(saved, step, total))
 
 
 def build_loop_config(
@@ -196,6 +196,7 @@ def run_training(cfg: Config, output_dir: str | Path, resume: bool = False) -> d
     out.mkdir(parents=True, exist_ok=True)
     tokenizer_dir = out / "tokenizer"
     if resume:  # the run's own tokenizer: never re-trained or overwritten
+        check_tokenizer_settings(load_config(out / "config.yaml"), cfg)
         data = prepare_data(cfg, tokenizer=load_tokenizer(str(tokenizer_dir)))
     else:
         data = prepare_data(cfg, tokenizer_dir)
