@@ -1,9 +1,11 @@
-"""Fine-tune BLOOM (sequence classification or causal LM) on Ray Train + DeepSpeed.
+"""Fine-tune BLOOM (sequence classification, instruction/chat sft, or causal LM) on Ray Train + DeepSpeed.
 
 On a cluster:
     ray job submit --working-dir . -- python jobs/finetune.py --config jobs/configs/classify-tiny-cpu.yaml --output /mnt/shared/runs/cls --set data.path=/mnt/shared/data/reviews.csv
 Locally (starts a local Ray):
     python jobs/finetune.py --config jobs/configs/classify-tiny-cpu.yaml --output outputs/cls --set data.path=reviews.csv
+Instruction tuning (JSONL of prompt/response pairs or chat messages):
+    python jobs/finetune.py --config jobs/configs/sft.yaml --output outputs/sft --set data.path=chats.jsonl
 """
 
 import sys

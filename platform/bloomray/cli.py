@@ -17,6 +17,7 @@ EPILOG = """examples:
   bloomray pretrain --config tiny-cpu --output outputs/tiny --set train.max_steps=30 --set data.path=my.txt
   bloomray pretrain --resume outputs/tiny --set train.max_steps=120
   bloomray finetune --config classify-tiny-cpu --output outputs/cls --set data.path=reviews.csv
+  bloomray finetune --config sft --output outputs/sft --set data.path=chats.jsonl
   bloomray tune --config tune-tiny-cpu --output outputs/tune --set tune.num_samples=8
   bloomray tune --resume outputs/tune
   bloomray export --checkpoint outputs/tiny/checkpoints/checkpoint_... --output exported/
@@ -77,9 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "finetune",
-        help="fine-tune a classifier (or a causal LM) on labelled data",
-        description="Fine-tune BLOOM for sequence classification (task=classification) "
-        "or causal LM; reports eval accuracy and macro-F1 each epoch.",
+        help="fine-tune a classifier, an instruction (chat) model, or a causal LM",
+        description="Fine-tune BLOOM for sequence classification (task=classification; reports eval "
+        "accuracy and macro-F1 each epoch), on instruction data (task=sft: prompt/response or chat "
+        "messages JSONL, loss on the responses) or as a causal LM.",
     )
     _add_run_args(p, "classify-tiny-cpu")
     p.set_defaults(func=cmd_train, task=None)
@@ -178,7 +180,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.task and cfg.task != args.task:
         raise ConfigError(
             f"`bloomray {args.verb}` runs task={args.task}, but the config says task={cfg.task}; "
-            "use `bloomray finetune` for classification"
+            "use `bloomray finetune` for classification and sft"
         )
     summary = run_training(cfg, out, resume=bool(args.resume))
     print(json.dumps(summary, indent=2))

@@ -188,7 +188,7 @@ class RayConfig(_Section):
 
 
 class Config(_Section):
-    task: Literal["causal_lm", "classification"] = "causal_lm"
+    task: Literal["causal_lm", "classification", "sft"] = "causal_lm"  # sft: instruction tuning
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()

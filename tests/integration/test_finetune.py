@@ -128,3 +128,26 @@ def test_lora_finetune_from_pretrained_dir_zero3(tmp_path, ray_local):
     assert exported["architectures"] == ["BloomForSequenceClassification"]
     names = AutoModelForSequenceClassification.from_pretrained(str(out / "model")).state_dict().keys()
     assert not [n for n in names if "lora" in n]  # adapters merged, not shipped separately
+    _assert_flops_count_every_parameter(Path(summary["checkpoint"]))
+
+
+def _assert_flops_count_every_parameter(checkpoint: Path) -> None:
+    """MFU's FLOPs per token come from the full parameter counts, even though ZeRO-3 leaves
+    each rank's module with empty placeholder tensors (sizes only in ``ds_numel``)."""
+    from transformers import BloomConfig
+
+    from bloomray.model.build import add_lora, build_from_config, count_parameters
+    from bloomray.train.checkpoint import read_meta
+    from bloomray.train.metrics import flops_per_token, matmul_params
+
+    meta = read_meta(checkpoint)
+    mc = meta["model_config"]
+    model = add_lora(
+        build_from_config("classification", BloomConfig.from_dict(mc), 0), "classification", meta["lora"]
+    )
+    ratio = count_parameters(model, trainable_only=True) / count_parameters(model)
+    n = matmul_params(model, mc["vocab_size"], mc["hidden_size"], lm_head=False)
+    seq = meta["config"]["data"]["block_size"]
+    expected = flops_per_token(n, mc["n_layer"], mc["hidden_size"], seq, ratio)
+    m = meta["metrics"]
+    assert m["flops_per_s"] / m["tokens_per_s"] == pytest.approx(expected, rel=1e-9)

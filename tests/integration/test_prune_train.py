@@ -11,7 +11,8 @@ import torch
 from bloomray.config import load_config
 from bloomray.model.export import consolidated_state_dict
 from bloomray.model.load import load_model
-from bloomray.train.checkpoint import DS_TAG, HOOKS_FILE, load_deepspeed_file
+from bloomray.train.checkpoint import DS_TAG, load_deepspeed_file
+from bloomray.train.hook_state import HOOKS_META_FILE, HOOKS_TENSORS_FILE, LEGACY_HOOKS_FILE, load_hook_states
 from bloomray.train.run import run_training
 
 pytestmark = pytest.mark.integration
@@ -48,12 +49,21 @@ def _fp32_masters_stage0(
     return out
 
 
+def _saved_masks(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The prune hook's masks as the checkpoint holds them: safetensors + JSON, no pickle."""
+    assert (ckpt / HOOKS_TENSORS_FILE).is_file() and (ckpt / HOOKS_META_FILE).is_file()
+    assert not (ckpt / LEGACY_HOOKS_FILE).exists()
+    state = load_hook_states(ckpt, torch.device("cpu"))[0]
+    assert set(state) == {"masks", "taylor", "target"}
+    return state["masks"]
+
+
 @pytest.mark.parametrize("stage", [0, 2, 3])
 def test_masks_hold_in_fp32_masters_under_zero(stage, tmp_path, ray_local):
     out = tmp_path / f"zero{stage}"
     summary = run_training(load_config("tiny-cpu", [*PRUNE, f"deepspeed.zero_stage={stage}"]), out)
     ckpt = Path(summary["checkpoint"])
-    masks = torch.load(ckpt / HOOKS_FILE, weights_only=True)[0]["masks"]
+    masks = _saved_masks(ckpt)
     assert masks and all(0.45 < 1 - m.mean().item() < 0.55 for m in masks.values())
 
     model = load_model(out / "model")  # the exported (sparse-packed) model
@@ -84,7 +94,7 @@ def test_structured_taylor_and_2to4_masks_hold(stage, extra, tmp_path, ray_local
     out = tmp_path / "run"
     summary = run_training(load_config("tiny-cpu", [*PRUNE, f"deepspeed.zero_stage={stage}", *extra]), out)
     ckpt = Path(summary["checkpoint"])
-    masks = torch.load(ckpt / HOOKS_FILE, weights_only=True)[0]["masks"]
+    masks = _saved_masks(ckpt)
     masters = consolidated_state_dict(ckpt)
     for name, mask in masks.items():
         assert torch.count_nonzero(masters[name][mask == 0]) == 0, name

@@ -31,6 +31,11 @@ class Rows:
     rows: list[dict[str, Any]] = field(default_factory=list)
     bad: int = 0
     bad_examples: list[str] = field(default_factory=list)
+    origins: list[str] = field(default_factory=list)  # "file:line" of each row, where known
+
+    def where(self, i: int, source: str) -> str:
+        """Where row ``i`` came from: ``file:line`` for JSONL/CSV, else ``source row i``."""
+        return self.origins[i] if len(self.origins) == len(self.rows) else f"{source} row {i}"
 
     def reject(self, where: str, why: str, policy: str) -> None:
         """Count a malformed row, or raise when the policy is ``fail``."""
@@ -70,6 +75,7 @@ def read_rows(source: str, text_column: str, bad_rows: str = "skip") -> Rows:
         for f in files:
             part = _read_file(f, text_column, bad_rows)
             out.rows += part.rows
+            out.origins += part.origins or [f"{f} row {j}" for j in range(len(part.rows))]
             out.bad += part.bad
             out.bad_examples += part.bad_examples[: 5 - len(out.bad_examples)]
         return out
@@ -114,6 +120,7 @@ def _read_jsonl(path: Path, bad_rows: str) -> Rows:
                 out.reject(f"{path}:{lineno}", "a JSON line must be an object", bad_rows)
                 continue
             out.rows.append(row)
+            out.origins.append(f"{path}:{lineno}")
     return out
 
 
@@ -130,6 +137,7 @@ def _read_csv(path: Path, delimiter: str, text_column: str, bad_rows: str) -> Ro
                 out.reject(f"{path}:{lineno}", "wrong number of fields", bad_rows)
                 continue
             out.rows.append(row)
+            out.origins.append(f"{path}:{lineno}")
     return out
 
 
@@ -181,15 +189,16 @@ def read_documents(
         return embedded_documents(), Rows()
     rows = read_rows(source, text_column, bad_rows)
     docs: list[str] = []
-    good: list[dict[str, Any]] = []
+    good: list[int] = []
     for i, row in enumerate(rows.rows):
         text = row.get(text_column)
         if not isinstance(text, str) or not text.strip():
-            rows.reject(f"{source} row {i}", f"missing or empty {text_column!r}", bad_rows)
+            rows.reject(rows.where(i, source), f"missing or empty {text_column!r}", bad_rows)
             continue
         docs.append(text)
-        good.append(row)
-    rows.rows = good
+        good.append(i)
+    rows.origins = [rows.where(i, source) for i in good]
+    rows.rows = [rows.rows[i] for i in good]
     if not docs:
         raise DataError(f"{source} yielded no documents with text in column {text_column!r}")
     return docs, rows

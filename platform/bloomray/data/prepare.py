@@ -51,6 +51,10 @@ def prepare_data(
     tokenizer = tokenizer or configured_tokenizer(cfg)
     if cfg.task == "classification":
         data = _prepare_classification(cfg, tokenizer)
+    elif cfg.task == "sft":
+        from bloomray.data.sft import prepare_sft  # imports PreparedData from here
+
+        data = prepare_sft(cfg, tokenizer)
     else:
         data = _prepare_causal(cfg, tokenizer)
     if tokenizer_dir is not None:

@@ -140,6 +140,11 @@ def add_lora(model: PreTrainedModel, task: str, lora: dict[str, Any]) -> Any:
     return get_peft_model(model, config)
 
 
-def count_parameters(model: torch.nn.Module) -> int:
-    """Number of distinct parameters (tied weights counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    """Number of distinct parameters (tied weights counted once).
+
+    Under ZeRO-3 a module's parameters are empty placeholders (``numel() == 0``) and the
+    full size is in DeepSpeed's ``ds_numel``; counting ``numel()`` would report almost nothing.
+    """
+    unique = {id(p): p for p in model.parameters()}.values()
+    return sum(getattr(p, "ds_numel", p.numel()) for p in unique if p.requires_grad or not trainable_only)

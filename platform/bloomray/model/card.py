@@ -78,6 +78,12 @@ def _load_section(name: str, meta: dict[str, Any]) -> str:
         )
     else:
         serving = "`bloomray serve --model DIR` serves it on vLLM (continuous batching, OpenAI API)."
+    if meta.get("task") == "sft":
+        serving += (
+            "\nInstruction-tuned: use `POST /v1/chat/completions`; it applies the chat template saved "
+            "with the tokenizer (`tokenizer.chat_template`), the very one the training examples were "
+            "rendered with."
+        )
     return f"""## Load
 ```python
 {load}

@@ -50,7 +50,8 @@ class PruneHook:
         weights = self.applier.full_weights(self.names)
         for n in self.names:
             score = (weights[n] * grads[n]).abs()
-            self.taylor[n] = self.taylor.get(n, torch.zeros_like(score)) + score
+            # A resumed accumulator sits on this rank's device; follow the score's device.
+            self.taylor[n] = self.taylor[n].to(score.device) + score if n in self.taylor else score
 
     def after_step(self, engine: Any, step: int) -> dict[str, float]:
         """Update masks if scheduled (collective under ZeRO-3), then re-apply them (local)."""
@@ -94,8 +95,15 @@ class PruneHook:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"masks": self.masks, "target": self.target}
+        """Masks, the Taylor scores accumulated so far in this window, and the target sparsity.
+
+        The scores are saved so a run killed mid-window resumes with the same importance and
+        so computes the same masks as one that never stopped.
+        """
+        return {"masks": self.masks, "taylor": self.taylor, "target": self.target}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.masks = state.get("masks", {})
-        self.target = state.get("target", 0.0)
+        """Restore :meth:`state_dict` (states saved before Taylor scores were kept have none)."""
+        self.masks = dict(state.get("masks", {}))
+        self.taylor = dict(state.get("taylor", {}))
+        self.target = float(state.get("target", 0.0))

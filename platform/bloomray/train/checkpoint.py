@@ -1,7 +1,9 @@
 """DeepSpeed checkpoints through Ray Train: every rank saves its shard, Ray merges them.
 
 A checkpoint directory is self-contained: DeepSpeed's files (tag ``ds``), ``bloomray.json``
-(step, task, model config, final metrics) and the tokenizer, so export needs nothing else.
+(step, task, model config, final metrics), the step hooks' state (``hooks.safetensors`` and
+``hooks.json``: no pickle, see ``hook_state.py``) and the tokenizer, so export needs nothing
+else. Loading one on resume, with fallback past a corrupt newest one, is ``restore.py``.
 """
 
 from __future__ import annotations
@@ -17,8 +19,12 @@ import torch
 DS_TAG = "ds"
 META_FILE = "bloomray.json"
 PROBE_FILE = "probe.pt"
-HOOKS_FILE = "hooks.pt"
 TOKENIZER_DIR = "tokenizer"
+CHECKPOINT_PREFIX = "checkpoint_"
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint directory is incomplete or damaged; the message says which file and how."""
 
 
 def save_and_report(
@@ -36,44 +42,44 @@ def save_and_report(
         meta, tokenizer_files, probe, hook_states: written by rank 0 only (None elsewhere).
     """
     with tempfile.TemporaryDirectory(prefix="bloomray-ckpt-") as tmp:
-        engine.save_checkpoint(tmp, tag=DS_TAG, client_state={"step": step})
-        if meta is not None:
-            (Path(tmp) / META_FILE).write_text(
-                json.dumps({**meta, "step": step, "metrics": metrics}, indent=2)
-            )
-        if tokenizer_files:
-            tdir = Path(tmp) / TOKENIZER_DIR
-            tdir.mkdir()
-            for name, blob in tokenizer_files.items():
-                (tdir / name).write_bytes(blob)
-        if probe is not None:
-            torch.save(probe, Path(tmp) / PROBE_FILE)
-        if hook_states:
-            torch.save(hook_states, Path(tmp) / HOOKS_FILE)
+        write_checkpoint(engine, tmp, step, metrics, meta, tokenizer_files, probe, hook_states)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def restore_latest(engine: Any) -> tuple[int, list[int], list[dict[str, Any]]]:
-    """Load the latest reported checkpoint into ``engine``.
+def write_checkpoint(
+    engine: Any,
+    directory: str | Path,
+    step: int,
+    metrics: dict[str, Any],
+    meta: dict[str, Any] | None,
+    tokenizer_files: dict[str, bytes] | None = None,
+    probe: dict[str, torch.Tensor] | None = None,
+    hook_states: list[dict[str, Any]] | None = None,
+) -> None:
+    """Write this rank's part of a checkpoint into ``directory`` (no Ray: tests use it directly).
 
-    Returns:
-        (step, restarts, hook_states): the checkpoint's step (0 if none), the steps every
-        restart so far resumed from (this one included), and the step hooks' saved states.
+    Args:
+        engine: this rank's DeepSpeed engine (``save_checkpoint`` is collective).
+        directory: an existing local directory.
+        step: the optimizer steps done, kept in DeepSpeed's client state and bloomray.json.
+        metrics: stored in bloomray.json.
+        meta, tokenizer_files, probe, hook_states: rank 0's extras (None elsewhere).
     """
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
-        return 0, [], []
-    with ckpt.as_directory() as d:
-        _, client_state = engine.load_checkpoint(d, tag=DS_TAG)
-        meta_path = Path(d) / META_FILE
-        previous = json.loads(meta_path.read_text()).get("restarts", []) if meta_path.exists() else []
-        hooks_path = Path(d) / HOOKS_FILE
-        # masks (tensors) and floats only: the safe unpickler reads them, and nothing else runs
-        hook_states = torch.load(hooks_path, weights_only=True) if hooks_path.exists() else []
-    if client_state is None:
-        raise RuntimeError(f"checkpoint {ckpt.path} could not be loaded by DeepSpeed")
-    step = int(client_state["step"])
-    return step, [*previous, step], hook_states
+    d = Path(directory)
+    engine.save_checkpoint(str(d), tag=DS_TAG, client_state={"step": step})
+    if meta is not None:
+        (d / META_FILE).write_text(json.dumps({**meta, "step": step, "metrics": metrics}, indent=2))
+    if tokenizer_files:
+        tdir = d / TOKENIZER_DIR
+        tdir.mkdir()
+        for name, blob in tokenizer_files.items():
+            (tdir / name).write_bytes(blob)
+    if probe is not None:
+        torch.save(probe, d / PROBE_FILE)
+    if hook_states:
+        from bloomray.train.hook_state import save_hook_states  # it imports this module
+
+        save_hook_states(d, hook_states)
 
 
 def load_deepspeed_file(path: Path) -> Any:

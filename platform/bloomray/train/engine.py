@@ -16,12 +16,36 @@ from bloomray.model.build import add_lora, build_from_config, load_pretrained
 log = logging.getLogger(__name__)
 
 
-def deepspeed_config(cfg: Config) -> dict[str, Any]:
-    """The DeepSpeed JSON config for ``cfg`` (batch sizes, precision, ZeRO, clipping)."""
+# ZeRO-3 optimizer sub-group (elements): the fp32 gradient copy and Adam's temporaries exist
+# for one sub-group at a time. DeepSpeed's default (1e9) makes them as large as the whole
+# partition (1.1 GB each per rank for bloom-560m on 2 ranks).
+ZERO3_SUB_GROUP = 100_000_000
+MIN_BUCKET = 10_000_000
+
+
+def deepspeed_config(cfg: Config, hidden_size: int | None = None) -> dict[str, Any]:
+    """The DeepSpeed JSON config for ``cfg`` (batch sizes, precision, ZeRO, clipping).
+
+    Args:
+        hidden_size: the model's width. Given, ZeRO's communication buckets are sized from it
+            like the HF DeepSpeed integration's ``auto`` values (``hidden**2`` elements, here
+            at least 1e7 so small models do not pay one collective per few thousand weights),
+            instead of DeepSpeed's 5e8-element defaults, whose gradient bucket alone is 1 GB in
+            bf16 on every rank whatever the model size.
+    """
     ds, t = cfg.deepspeed, cfg.train
     zero: dict[str, Any] = {"stage": ds.zero_stage, "contiguous_gradients": True}
     if ds.zero_stage >= 1:
         zero["overlap_comm"] = cfg.scaling.use_gpu  # overlap needs async streams (GPU only)
+    bucket = max(hidden_size**2, MIN_BUCKET) if hidden_size else None
+    if ds.zero_stage >= 2 and bucket:
+        zero["reduce_bucket_size"] = bucket
+        zero["allgather_bucket_size"] = bucket
+    if ds.zero_stage == 3:
+        zero["sub_group_size"] = ZERO3_SUB_GROUP
+        if bucket:
+            zero["stage3_prefetch_bucket_size"] = int(0.9 * bucket)
+            zero["stage3_param_persistence_threshold"] = 10 * hidden_size
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.scaling.use_gpu}
     if ds.offload_params:
@@ -55,7 +79,7 @@ def build_model(cfg: Config, model_config: dict[str, Any]) -> torch.nn.Module:
         model = build_from_config(cfg.task, BloomConfig.from_dict(model_config), cfg.train.seed)
     if cfg.model.activation_checkpointing:
         model.config.use_cache = False
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if cfg.model.lora.enabled:
         model = add_lora(model, cfg.task, cfg.model.lora.model_dump())
     return model
@@ -137,6 +161,9 @@ def build_engine(
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, total_steps, lr_segments)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg)
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, model_config["hidden_size"]),
     )
     return engine, model

@@ -17,8 +17,9 @@ import ray.train.torch
 import torch
 
 from bloomray.config import config_from_dict
+from bloomray.model.build import count_parameters
 from bloomray.train.batches import ShardedBatches, eval_batches
-from bloomray.train.checkpoint import restore_latest, save_and_report
+from bloomray.train.checkpoint import save_and_report
 from bloomray.train.collectives import all_reduce_sum, barrier
 from bloomray.train.engine import build_engine, compute_dtype
 from bloomray.train.metrics import (
@@ -30,6 +31,7 @@ from bloomray.train.metrics import (
     peak_memory_mb,
     perplexity,
 )
+from bloomray.train.restore import restore_latest
 
 
 class StepHook(Protocol):
@@ -66,7 +68,9 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
 
     engine, model = build_engine(cfg, loop_cfg["model_config"], total, loop_cfg["lr_segments"])
     hooks = build_hooks(cfg, engine, model, total)
-    step, restarts, hook_states = restore_latest(engine)
+    t_restore = time.perf_counter()
+    step, restarts, hook_states = restore_latest(engine, device=device)
+    restore_s = time.perf_counter() - t_restore
     for hook, state in zip(hooks, hook_states, strict=False):
         hook.load_state_dict(state)
     batches = ShardedBatches(data["train"], rank, world, cfg.train.micro_batch_size, cfg.train.seed)
@@ -74,7 +78,10 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     flops_tok, peak = _flop_budget(cfg, engine, model, loop_cfg, device)
     sinks = _sinks(cfg, loop_cfg, rank, step)
     is_rank0 = rank == 0
-    meta = {**loop_cfg["meta"], "restarts": restarts} if is_rank0 else None
+    # This attempt's restore time and its earlier saves' times (a save's own time is only
+    # known after it is written, so each checkpoint records the ones before it).
+    timings: dict[str, Any] = {"restore_s": restore_s if step else None, "save_s": []}
+    meta = {**loop_cfg["meta"], "restarts": restarts, "timings": timings} if is_rank0 else None
     tok_files = ray.get(loop_cfg["tokenizer"]) if is_rank0 else None
     ga = cfg.grad_accum_steps
     # The loss sum stays on the device: one host sync per log step, not one per micro-batch.
@@ -126,7 +133,9 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         if do_ckpt:
             probe = _probe(engine, evals, device) if step == total else None
             states = [h.state_dict() for h in hooks] if is_rank0 else None
+            t_save = time.perf_counter()
             save_and_report(engine, step, metrics, meta, tok_files, probe if is_rank0 else None, states)
+            timings["save_s"].append(round(time.perf_counter() - t_save, 3))
         else:
             ray.train.report(metrics)
         loss_sum, n_loss, tokens, t0 = torch.zeros((), device=device), 0, 0, time.perf_counter()
@@ -135,9 +144,16 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
 
 
 def _forward(engine: Any, task: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    if task == "classification":
-        return engine(**batch).loss
-    return engine(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+    # classification and sft batches carry their own labels and attention_mask (sft: -100 on
+    # prompt and padding); packed causal-LM blocks have neither and predict every token.
+    return _forward_outputs(engine, task, batch).loss
+
+
+def _forward_outputs(engine: Any, task: str, batch: dict[str, torch.Tensor]) -> Any:
+    """The model outputs (loss, logits) of ``batch``, with the labels of ``task``."""
+    if task in ("classification", "sft"):
+        return engine(**batch)
+    return engine(input_ids=batch["input_ids"], labels=batch["input_ids"])
 
 
 def _step_metrics(
@@ -175,23 +191,25 @@ def evaluate(
     device: torch.device,
     num_labels: int | None,
 ) -> dict[str, float]:
-    """Eval loss/perplexity (LM) or loss/accuracy/macro-F1 (classification) over all ranks.
+    """Eval loss/perplexity (LM, sft) or loss/accuracy/macro-F1 (classification) over all ranks.
 
+    sft averages per response token (a batch's mean loss weighted by its labelled tokens), so
+    the result does not depend on how examples fall into batches; the others per example.
     Sums stay on the device until the one all-reduce at the end: no host sync per batch.
     """
     engine.eval()
     k = num_labels or 1
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
     confusion = torch.zeros(k * k, dtype=torch.float64, device=device)
-    with torch.no_grad():  # inference_mode tensors would break ZeRO-3's later re-gather
+    # inference_mode, not no_grad: no autograd bookkeeping at all. ZeRO-3 re-partitions the
+    # parameters it gathered here, so no inference tensor reaches the next training step
+    # (the step-0 eval before ZeRO-3 training in test_finetune proves it).
+    with torch.inference_mode():
         for b in batches:
             b = {name: v.to(device) for name, v in b.items()}
-            out = (
-                engine(**b)
-                if task == "classification"
-                else engine(input_ids=b["input_ids"], labels=b["input_ids"])
-            )
-            n = b["input_ids"].shape[0]
+            out = _forward_outputs(engine, task, b)
+            # The loss predicts token t+1 at t: sft's labelled positions are labels[:, 1:].
+            n = (b["labels"][:, 1:] != -100).sum() if task == "sft" else b["input_ids"].shape[0]
             loss_sum[0] += out.loss.double() * n
             loss_sum[1] += n
             if task == "classification":
@@ -222,7 +240,7 @@ def classification_scores(confusion: np.ndarray) -> dict[str, float]:
     }
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def _probe(
     engine: Any, evals: list[dict[str, torch.Tensor]], device: torch.device
 ) -> dict[str, torch.Tensor]:
@@ -239,9 +257,9 @@ def _flop_budget(
 ) -> tuple[float, float]:
     """(training FLOPs per token, summed peak FLOP/s of all workers)."""
     mc = loop_cfg["model_config"]
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    n = matmul_params(model, mc["vocab_size"], mc["hidden_size"], lm_head=cfg.task == "causal_lm")
+    trainable = count_parameters(model, trainable_only=True)
+    total = count_parameters(model)
+    n = matmul_params(model, mc["vocab_size"], mc["hidden_size"], lm_head=cfg.task != "classification")
     seq = cfg.data.block_size
     fpt = flops_per_token(n, mc["n_layer"], mc["hidden_size"], seq, trainable / max(total, 1))
     barrier(device)  # measure while every worker competes for the same cores, as in training

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bloomray.config import PRESET_DIR, load_config
-from bloomray.train.engine import compute_dtype, deepspeed_config
+from bloomray.train.engine import MIN_BUCKET, ZERO3_SUB_GROUP, compute_dtype, deepspeed_config
 
 BASE = ["train.max_steps=5"]
 
@@ -100,3 +100,20 @@ def test_every_preset_gives_a_valid_deepspeed_config(preset):
     assert (
         t == d["train_micro_batch_size_per_gpu"] * d["gradient_accumulation_steps"] * cfg.scaling.num_workers
     )
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_buckets_are_sized_from_the_model_width(stage: int):
+    cfg = load_config(None, [*BASE, f"deepspeed.zero_stage={stage}"])
+    wide = deepspeed_config(cfg, hidden_size=4096)["zero_optimization"]
+    assert wide["reduce_bucket_size"] == 4096**2 == wide["allgather_bucket_size"]
+    narrow = deepspeed_config(cfg, hidden_size=64)["zero_optimization"]
+    assert narrow["reduce_bucket_size"] == MIN_BUCKET  # tiny models keep few, larger buckets
+    if stage == 3:
+        assert wide["stage3_prefetch_bucket_size"] == int(0.9 * 4096**2)
+        assert wide["stage3_param_persistence_threshold"] == 40960
+        assert wide["sub_group_size"] == ZERO3_SUB_GROUP
+    else:
+        assert "sub_group_size" not in wide and "stage3_prefetch_bucket_size" not in wide
+    # without a width DeepSpeed's own defaults apply
+    assert "reduce_bucket_size" not in deepspeed_config(cfg)["zero_optimization"]

@@ -1,0 +1,155 @@
+"""Instruction fine-tuning (task: sft) on real Ray + DeepSpeed, checked through the chat template.
+
+The synthetic task is customer-service shaped: an intent (track/cancel/return), an item and a
+customer name in the prompt; a reply naming both. Held-out prompts are unseen (intent, item,
+name) combinations, so exact matches need the model to pick the reply by intent and copy the
+right item and name, not recall a training pair. (Reversing word lists, the obvious toy task,
+takes a 2-layer ALiBi model thousands of steps: position lookups are what ALiBi makes hard.)
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from bloomray.config import load_config
+from bloomray.data.tokenizer import PLAIN_CHAT_TEMPLATE
+from bloomray.train.run import run_training
+
+pytestmark = pytest.mark.integration
+
+NAMES = "anna ben cara dan eva finn gus hana".split()
+ITEMS = "lamp desk sofa chair rug shelf bed clock".split()
+REPLIES = {
+    "track": "{n}, your {i} ships today.",
+    "cancel": "{n}, your {i} order is cancelled.",
+    "return": "{n}, please send the {i} back.",
+}
+SYSTEM = "You are the shop's support assistant."
+# Measured without Ray (same data, fp32, batch 32, lr 1e-2 decaying linearly): held-out exact
+# match 0.78-1.0 over 4 seeds at 250 steps, 1.0 at 300; the loss drops suddenly once the copy
+# is learned, so a seed that is late by 50 steps still lands well above the threshold.
+STEPS = 300
+EXACT_MATCH = 0.8
+
+
+def conversation(intent: str, item: str, name: str) -> list[dict[str, str]]:
+    system = [{"role": "system", "content": SYSTEM}] if SYSTEM else []
+    return [
+        *system,
+        {"role": "user", "content": f"{intent} my {item} order, I am {name}"},
+        {"role": "assistant", "content": REPLIES[intent].format(n=name, i=item)},
+    ]
+
+
+def write_task(root: Path) -> tuple[Path, Path, list[list[dict[str, str]]]]:
+    """Train/held-out JSONL in both row formats (plus 2 malformed rows); returns the held-out set."""
+    combos = list(itertools.product(REPLIES, ITEMS, NAMES))
+    random.Random(0).shuffle(combos)
+    held_out, train = combos[:32], combos[32:]
+    lines = []
+    for k, combo in enumerate(train):
+        conv = conversation(*combo)
+        if k % 2:  # half OpenAI-style messages, half prompt/response pairs (no system prompt)
+            lines.append({"messages": conv})
+        else:
+            lines.append({"prompt": conv[-2]["content"], "response": conv[-1]["content"]})
+    lines[5:5] = [{"prompt": "track my lamp order"}, {"messages": [{"role": "user", "content": "hi"}]}]
+    train_path, eval_path = root / "train.jsonl", root / "eval.jsonl"
+    train_path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    evals = [conversation(*c) for c in held_out]
+    eval_path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in evals))
+    return train_path, eval_path, evals
+
+
+def greedy_exact_match(model_dir: Path, conversations: list[list[dict[str, str]]]) -> float:
+    """Share of conversations whose last reply the export generates exactly, via its chat template."""
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    hits = 0
+    for conv in conversations:
+        # What /v1/chat/completions does: render the saved template, tokenize without specials.
+        prompt = tok.apply_chat_template(conv[:-1], tokenize=False, add_generation_prompt=True)
+        ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            out = model.generate(
+                **ids,
+                max_new_tokens=48,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
+        new = out[0, ids["input_ids"].shape[1] :]
+        hits += (
+            new[-1].item() == tok.eos_token_id
+            and tok.decode(new, skip_special_tokens=True).strip() == conv[-1]["content"]
+        )
+    return hits / len(conversations)
+
+
+def test_sft_learns_held_out_replies_and_lora_zero2_continues(tmp_path, ray_local):
+    train_path, eval_path, held_out = write_task(tmp_path)
+    cfg = load_config(
+        "sft",
+        [
+            f"data.path={train_path}",
+            f"data.eval_path={eval_path}",
+            "data.block_size=64",
+            "data.tokenizer.vocab_size=400",
+            "train.epochs=null",
+            f"train.max_steps={STEPS}",
+            "train.global_batch_size=32",
+            "train.micro_batch_size=16",
+            "train.lr=1e-2",
+            "train.log_every=50",
+            f"train.eval_every={STEPS}",
+            f"train.checkpoint_every={STEPS}",
+            "deepspeed.zero_stage=3",
+            "deepspeed.precision=fp32",  # bf16 is emulated on most CPUs: fp32 is ~3x faster here
+        ],
+    )
+    out = tmp_path / "sft"
+    summary = run_training(cfg, out)
+    assert summary["task"] == "sft" and summary["data"]["bad_rows"] == 2
+    assert summary["data"]["train_examples"] == 160 and summary["data"]["eval_examples"] == 32
+    assert summary["eval_loss"] < 0.2 < 2 < summary["initial_eval_loss"], summary
+    model_dir = out / "model"
+    exported = json.loads((model_dir / "config.json").read_text())
+    assert exported["architectures"] == ["BloomForCausalLM"]
+    assert AutoTokenizer.from_pretrained(str(model_dir)).chat_template == PLAIN_CHAT_TEMPLATE
+    assert "/v1/chat/completions" in (model_dir / "README.md").read_text()
+    rate = greedy_exact_match(model_dir, held_out)
+    print(f"sft: eval_loss {summary['eval_loss']:.4f}, held-out exact match {rate:.3f}")
+    assert rate >= EXACT_MATCH, rate
+
+    # LoRA adapters on the export, ZeRO-2: the model's own tokenizer and template are kept,
+    # a few steps leave the held-out loss low, and the export merges the adapters.
+    lora = load_config(
+        "sft",
+        [
+            f"data.path={train_path}",
+            f"data.eval_path={eval_path}",
+            f"model.path={model_dir}",
+            "model.lora.enabled=true",
+            "model.lora.r=4",
+            "train.epochs=null",
+            "train.max_steps=4",
+            "train.lr=1e-4",
+            "train.warmup_steps=0",
+            "deepspeed.precision=fp32",
+        ],
+    )
+    tuned = run_training(lora, tmp_path / "lora")
+    assert tuned["eval_loss"] < 2 * summary["eval_loss"] + 0.05, tuned
+    assert tuned["data"]["seq_len"] == summary["data"]["seq_len"]  # same tokenizer, same tokens
+    names = AutoModelForCausalLM.from_pretrained(str(tmp_path / "lora" / "model")).state_dict().keys()
+    assert not [n for n in names if "lora" in n]
+    assert (
+        AutoTokenizer.from_pretrained(str(tmp_path / "lora" / "model")).chat_template == PLAIN_CHAT_TEMPLATE
+    )
