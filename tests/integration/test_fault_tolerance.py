@@ -111,6 +111,8 @@ def test_sigkill_worker_resumes_from_last_checkpoint(tmp_path, ray_local):
     # Resumed from the newest checkpoint there was: at most one interval of steps lost.
     assert summary["restarts"][0] >= saved_at_kill
     assert summary["eval_loss"] is not None
+    # the untrained baseline of step 0 survives the restart (the new attempt never evaluated it)
+    assert summary["initial_eval_loss"] > summary["eval_loss"]
 
 
 def test_two_node_cluster_recovers_from_node_loss(tmp_path):

@@ -31,7 +31,7 @@ from bloomray.train.metrics import (
     peak_memory_mb,
     perplexity,
 )
-from bloomray.train.restore import restore_latest
+from bloomray.train.restore import initial_eval_of_run, restore_latest
 
 
 class StepHook(Protocol):
@@ -89,6 +89,8 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     metrics: dict[str, Any] = {}
     if is_rank0 and step:
         print(f"[bloomray] resumed from step {step}", flush=True)
+    if meta is not None and step:  # a restarted attempt keeps the run's step-0 baseline
+        meta["initial_eval"] = initial_eval_of_run()
     if step == 0:  # the untrained baseline, so every run shows how far training moved it
         initial = evaluate(engine, cfg.task, evals, device, loop_cfg.get("num_labels"))
         if meta is not None:
@@ -201,10 +203,7 @@ def evaluate(
     k = num_labels or 1
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
     confusion = torch.zeros(k * k, dtype=torch.float64, device=device)
-    # inference_mode, not no_grad: no autograd bookkeeping at all. ZeRO-3 re-partitions the
-    # parameters it gathered here, so no inference tensor reaches the next training step
-    # (the step-0 eval before ZeRO-3 training in test_finetune proves it).
-    with torch.inference_mode():
+    with _no_autograd(engine):
         for b in batches:
             b = {name: v.to(device) for name, v in b.items()}
             out = _forward_outputs(engine, task, b)
@@ -240,7 +239,16 @@ def classification_scores(confusion: np.ndarray) -> dict[str, float]:
     }
 
 
-@torch.inference_mode()
+def _no_autograd(engine: Any) -> Any:
+    """``inference_mode`` for eval forwards, but ``no_grad`` under ZeRO-3: parameters it gathers
+    in an inference-mode forward can reach the next training step as inference tensors, which
+    autograd refuses to save ("Inference tensors cannot be saved for backward": seen in
+    test_prune_train's ZeRO-3 run)."""
+    stage = getattr(engine, "zero_optimization_stage", lambda: 0)()  # plain modules in unit tests
+    return torch.no_grad() if stage == 3 else torch.inference_mode()
+
+
+@torch.no_grad()
 def _probe(
     engine: Any, evals: list[dict[str, torch.Tensor]], device: torch.device
 ) -> dict[str, torch.Tensor]:

@@ -70,13 +70,31 @@ def fallback_order(latest: CheckpointRef, siblings: Sequence[CheckpointRef]) -> 
     return [latest, *rest]
 
 
+def read_checkpoint_meta(fs: pafs.FileSystem, checkpoint_path: str) -> dict[str, Any] | None:
+    """``bloomray.json`` of a checkpoint on ``fs`` (one small read); None if missing or unreadable."""
+    try:
+        with fs.open_input_stream(f"{checkpoint_path.rstrip('/')}/{META_FILE}") as f:
+            meta = json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
 def read_step(fs: pafs.FileSystem, checkpoint_path: str) -> int | None:
     """The step in ``bloomray.json`` of a checkpoint on ``fs``; None if missing or unreadable."""
     try:
-        with fs.open_input_stream(f"{checkpoint_path.rstrip('/')}/{META_FILE}") as f:
-            return int(json.loads(f.read())["step"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return int((read_checkpoint_meta(fs, checkpoint_path) or {})["step"])
+    except (KeyError, ValueError, TypeError):
         return None
+
+
+def initial_eval_of_run() -> dict[str, float] | None:
+    """The untrained-baseline eval the run recorded at step 0, read from its latest checkpoint
+    (every checkpoint carries it), so a restarted attempt still reports it; None if none."""
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None
+    return (read_checkpoint_meta(ckpt.filesystem, ckpt.path) or {}).get("initial_eval")
 
 
 def checkpoint_candidates(fs: pafs.FileSystem, latest_path: str) -> list[CheckpointRef]:

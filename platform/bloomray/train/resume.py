@@ -28,6 +28,7 @@ class ResumeContract:
     """The settings a checkpoint can only be continued with (``total_steps`` excepted)."""
 
     world_size: int
+    block_size: int
     micro_batch_size: int
     global_batch_size: int
     train_seed: int
@@ -41,13 +42,15 @@ class ResumeContract:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ResumeContract:
-        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+        """The contract a checkpoint recorded; fields an older checkpoint lacks are None (unchecked)."""
+        return cls(**{f.name: d.get(f.name) for f in dataclasses.fields(cls)})
 
 
 # How to proceed when a setting changed, per field.
 _ADVICE = {
     "world_size": "resume with scaling.num_workers={old} (elastic resume on another worker count is not "
     "supported yet)",
+    "block_size": "resume with data.block_size={old}",
     "micro_batch_size": "resume with train.micro_batch_size={old}",
     "global_batch_size": "resume with train.global_batch_size={old}",
     "train_seed": "resume with train.seed={old}",
@@ -116,7 +119,7 @@ def check_resume(saved: dict[str, Any], new: ResumeContract, step: int) -> None:
         if f.name == "total_steps":
             continue
         a, b = getattr(old, f.name), getattr(new, f.name)
-        if a != b:
+        if a is not None and a != b:
             shown = (f"{a[:12]}… → {b[:12]}…") if isinstance(a, str) else f"{a} → {b}"
             problems.append(f"{f.name}: {shown}; {_ADVICE[f.name].format(old=a)}")
     if new.total_steps < step:

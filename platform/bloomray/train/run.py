@@ -7,14 +7,19 @@ and ``config.yaml`` (the resolved config, which ``--resume`` reloads).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import tempfile
+import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import ray
 import ray.train
 from ray.train.torch import TorchTrainer
@@ -25,7 +30,7 @@ from bloomray.data.tokenizer import load_tokenizer
 from bloomray.model.build import resolve_model_config
 from bloomray.raycluster import init_ray, worker_env
 from bloomray.train.batches import steps_per_epoch, total_steps
-from bloomray.train.checkpoint import read_meta, read_tokenizer_files
+from bloomray.train.checkpoint import META_FILE, read_meta, read_tokenizer_files
 from bloomray.train.loop import train_loop_per_worker
 from bloomray.train.resume import (
     ResumeContract,
@@ -108,6 +113,7 @@ def plan_run(cfg: Config, out: Path, data: PreparedData, tokenizer_dir: Path) ->
         )
     contract = ResumeContract(
         world_size=cfg.scaling.num_workers,
+        block_size=cfg.data.block_size,
         micro_batch_size=cfg.train.micro_batch_size,
         global_batch_size=cfg.train.global_batch_size,
         train_seed=cfg.train.seed,
@@ -230,19 +236,64 @@ def train_prepared(
         raise TrainingError(f"training failed: {exc}\nlogs: {out / 'logs'} and the Ray worker logs") from exc
     if result.checkpoint is None:
         raise TrainingError(f"training finished without a checkpoint in {out / 'checkpoints'}")
-    return finish_run(out, result.checkpoint.path, cfg.output.export)
+    source = checkpoint_uri(result.checkpoint, checkpoint_location(cfg, out)[0])
+    # Without an export the summary needs only the checkpoint's metadata file.
+    with checkpoint_as_local_dir(result.checkpoint, None if cfg.output.export else [META_FILE]) as local_dir:
+        return finish_run(out, local_dir, cfg.output.export, source=source)
 
 
-def finish_run(out: Path, checkpoint_path: str, export: bool) -> dict[str, Any]:
-    """Write summary.json from the final checkpoint and export the model."""
+@contextlib.contextmanager
+def checkpoint_as_local_dir(
+    checkpoint: ray.train.Checkpoint, files: list[str] | None = None
+) -> Iterator[str]:
+    """``checkpoint`` as a local dir: its own path on local disk; on cloud storage (``s3://``...)
+    a temp dir removed on exit, holding only ``files`` when given, else all of it (through
+    ``Checkpoint.as_directory``)."""
+    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+        yield checkpoint.path
+    elif files is None:
+        with checkpoint.as_directory() as local_dir:
+            yield local_dir
+    else:
+        with tempfile.TemporaryDirectory(prefix="bloomray-ckpt-") as tmp:
+            for name in files:
+                pafs.copy_files(
+                    f"{checkpoint.path}/{name}", f"{tmp}/{name}", source_filesystem=checkpoint.filesystem
+                )
+            yield tmp
+
+
+def checkpoint_uri(checkpoint: ray.train.Checkpoint, storage: str) -> str:
+    """Where ``checkpoint`` lives, as a path or URI that ``bloomray export --checkpoint`` reads.
+
+    A checkpoint on local disk is its path. One on cloud storage is ``scheme://bucket/key`` with
+    the storage URI's query (endpoint, region) kept and its user info (credentials) left out.
+    """
+    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+        return checkpoint.path
+    parts = urllib.parse.urlsplit(storage)
+    return f"{parts.scheme}://{checkpoint.path}" + (f"?{parts.query}" if parts.query else "")
+
+
+def finish_run(
+    out: Path, checkpoint_path: str | Path, export: bool, source: str | None = None
+) -> dict[str, Any]:
+    """Write summary.json from the final checkpoint and export the model.
+
+    Args:
+        checkpoint_path: the final checkpoint as a local dir (a download of a remote one).
+        source: where that checkpoint lives when it is not ``checkpoint_path`` (a URI); the
+            summary and the model card name it.
+    """
     from bloomray.model.export import export_checkpoint
 
+    source = source or str(checkpoint_path)
     meta = read_meta(checkpoint_path)
     m = meta["metrics"]
     summary = {
         "task": meta["task"],
         "steps": meta["step"],
-        "initial_eval_loss": meta.get("initial_eval", {}).get("eval_loss"),
+        "initial_eval_loss": (meta.get("initial_eval") or {}).get("eval_loss"),
         "train_loss": m.get("train_loss"),
         "eval_loss": m.get("eval_loss"),
         **{k: m[k] for k in ("eval_perplexity", "eval_accuracy", "eval_macro_f1") if k in m},
@@ -250,12 +301,12 @@ def finish_run(out: Path, checkpoint_path: str, export: bool) -> dict[str, Any]:
         "tokens_per_s": m.get("tokens_per_s"),
         "mfu": m.get("mfu"),
         "peak_mem_mb": m.get("peak_mem_mb"),
-        "checkpoint": checkpoint_path,
+        "checkpoint": source,
         "restarts": meta.get("restarts", []),  # the step each recovery resumed from
         "data": meta["data"],
     }
     if export:
-        info = export_checkpoint(checkpoint_path, out / "model", overwrite=True)
+        info = export_checkpoint(checkpoint_path, out / "model", overwrite=True, source=source)
         summary["model_dir"] = str(out / "model")
         summary["export_max_abs_logit_diff"] = info.get("max_abs_logit_diff")
         summary["export"] = {k: v for k, v in info.items() if k != "checkpoint"}

@@ -22,6 +22,7 @@ from bloomray.train.resume import (
 
 BASE = ResumeContract(
     world_size=2,
+    block_size=128,
     micro_batch_size=4,
     global_batch_size=16,
     train_seed=0,
@@ -41,6 +42,7 @@ def test_unchanged_or_longer_run_resumes():
     ("field", "value", "fix"),
     [
         ("world_size", 1, "scaling.num_workers=2"),
+        ("block_size", 64, "data.block_size=128"),
         ("micro_batch_size", 2, "train.micro_batch_size=4"),
         ("global_batch_size", 32, "train.global_batch_size=16"),
         ("train_seed", 1, "train.seed=0"),
@@ -55,6 +57,14 @@ def test_each_changed_setting_is_named_with_its_fix(field: str, value, fix: str)
     msg = str(err.value)
     assert f"{field}:" in msg and fix in msg and "step 20" in msg
     assert msg.count("\n  ") == 1  # only the changed field is listed
+
+
+def test_a_field_older_checkpoints_lack_is_not_checked():
+    saved = BASE.to_dict()
+    del saved["block_size"]  # recorded only since block_size joined the contract
+    check_resume(saved, dataclasses.replace(BASE, block_size=64), step=20)
+    with pytest.raises(ConfigError, match="micro_batch_size"):
+        check_resume(saved, dataclasses.replace(BASE, block_size=64, micro_batch_size=2), step=20)
 
 
 def test_total_below_the_checkpoint_step_is_refused():

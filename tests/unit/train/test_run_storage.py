@@ -1,0 +1,59 @@
+"""Where a run's final checkpoint is read from: its URI, and a local dir for summary and export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+from ray.train import Checkpoint
+
+from bloomray.train.run import checkpoint_as_local_dir, checkpoint_uri
+
+
+def _remote_like(root: Path) -> Checkpoint:
+    """A checkpoint ``ck`` under ``root`` behind a filesystem that is not LocalFileSystem, so it
+    takes the download path that S3 takes."""
+    (root / "ck" / "ds").mkdir(parents=True)
+    (root / "ck" / "bloomray.json").write_text(json.dumps({"step": 7}))
+    (root / "ck" / "ds" / "shard.pt").write_bytes(b"x" * 1000)
+    return Checkpoint("ck", filesystem=pafs.SubTreeFileSystem(str(root), pafs.LocalFileSystem()))
+
+
+def test_local_checkpoint_uri_is_its_path(tmp_path: Path):
+    assert checkpoint_uri(Checkpoint(str(tmp_path)), str(tmp_path.parent)) == str(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("storage", "uri"),
+    [
+        ("s3://bkt/runs", "s3://bkt/runs/r-1/checkpoint_1"),
+        (
+            "s3://key:secret@bkt/runs?endpoint_override=127.0.0.1:9&scheme=http",
+            "s3://bkt/runs/r-1/checkpoint_1?endpoint_override=127.0.0.1:9&scheme=http",
+        ),
+    ],
+)
+def test_remote_checkpoint_uri_keeps_the_query_and_drops_credentials(storage: str, uri: str):
+    fs = pafs.S3FileSystem(endpoint_override="127.0.0.1:9", scheme="http", region="us-east-1")
+    assert checkpoint_uri(Checkpoint("bkt/runs/r-1/checkpoint_1", filesystem=fs), storage) == uri
+
+
+def test_a_local_checkpoint_is_used_in_place(tmp_path: Path):
+    with checkpoint_as_local_dir(Checkpoint(str(tmp_path)), ["bloomray.json"]) as d:
+        assert d == str(tmp_path)
+
+
+def test_a_remote_checkpoint_downloads_only_the_files_asked_for(tmp_path: Path):
+    with checkpoint_as_local_dir(_remote_like(tmp_path / "store"), ["bloomray.json"]) as d:
+        assert sorted(p.name for p in Path(d).iterdir()) == ["bloomray.json"]
+        assert json.loads((Path(d) / "bloomray.json").read_text()) == {"step": 7}
+    assert not Path(d).exists()
+
+
+def test_a_remote_checkpoint_downloads_whole_for_export(tmp_path: Path):
+    with checkpoint_as_local_dir(_remote_like(tmp_path / "store")) as d:
+        assert (Path(d) / "ds" / "shard.pt").read_bytes() == b"x" * 1000
+        assert not Path(d).is_relative_to(tmp_path)  # a copy, not the stored dir
+    assert not Path(d).exists()
