@@ -23,6 +23,10 @@ $(STAMP): pyproject.toml constraints.txt
 	# PyPI's torchvision/torchaudio/torchcodec (pulled by vLLM) are CUDA builds: beside torch+cpu they
 	# break `import vllm` ("operator torchvision::nms does not exist"). bloomray needs none of them.
 	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	# DeepSpeed's CPU Adam (the optimizer on CPU workers) is a C++ op built on first use; build it
+	# once here (cached in ~/.cache/torch_extensions) instead of inside the first run or test.
+	$(BIN)/python -c "from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('CPUAdamBuilder').load()" \
+		|| echo "warning: DeepSpeed CPU Adam did not build (no C++ compiler?); CPU runs fall back to torch AdamW"
 	touch $@
 
 demo: setup

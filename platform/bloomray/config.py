@@ -89,7 +89,9 @@ class TrainConfig(_Section):
 class DeepSpeedConfig(_Section):
     zero_stage: Literal[0, 1, 2, 3] = 2
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
-    optimizer: Literal["adamw", "cpu_adam", "fused_adam"] = "adamw"
+    # auto: cpu_adam (DeepSpeedCPUAdam) where the optimizer runs on the CPU (CPU workers,
+    # ZeRO-Offload), adamw (torch AdamW) on GPU; chosen in train.engine.build_optimizer.
+    optimizer: Literal["auto", "adamw", "cpu_adam", "fused_adam"] = "auto"
     offload_optimizer: bool = False
     offload_params: bool = False
 
@@ -232,11 +234,11 @@ def check_combinations(cfg: Config) -> None:
             "deepspeed.precision=fp16 needs a GPU (scaling.use_gpu=true); on CPU use bf16 or fp32"
         )
     if ds.optimizer == "fused_adam" and not s.use_gpu:
-        raise ValueError("deepspeed.optimizer=fused_adam needs a GPU; on CPU use adamw")
-    if (ds.offload_optimizer or ds.offload_params) and ds.optimizer != "cpu_adam":
+        raise ValueError("deepspeed.optimizer=fused_adam needs a GPU; on CPU use auto, cpu_adam or adamw")
+    if (ds.offload_optimizer or ds.offload_params) and ds.optimizer not in ("auto", "cpu_adam"):
         raise ValueError(
             "ZeRO-Offload (deepspeed.offload_optimizer/offload_params) runs the optimizer on "
-            "the CPU and needs deepspeed.optimizer=cpu_adam (DeepSpeedCPUAdam); "
+            "the CPU and needs deepspeed.optimizer=cpu_adam (DeepSpeedCPUAdam) or auto; "
             f"got deepspeed.optimizer={ds.optimizer}"
         )
     if ds.offload_params and ds.zero_stage != 3:

@@ -150,11 +150,14 @@ def test_grad_accum_steps():
 
 def test_offload_optimizer_needs_cpu_adam():
     with pytest.raises(ConfigError) as exc:
-        load_config(None, [*BASE, "deepspeed.offload_optimizer=true"])
+        load_config(None, [*BASE, "deepspeed.offload_optimizer=true", "deepspeed.optimizer=adamw"])
     assert "cpu_adam" in str(exc.value)
     assert "deepspeed.optimizer=adamw" in str(exc.value)
-    ok = load_config(None, [*BASE, "deepspeed.offload_optimizer=true", "deepspeed.optimizer=cpu_adam"])
-    assert ok.deepspeed.offload_optimizer is True
+    for optimizer in ("cpu_adam", "auto"):  # auto picks cpu_adam under ZeRO-Offload
+        ok = load_config(
+            None, [*BASE, "deepspeed.offload_optimizer=true", f"deepspeed.optimizer={optimizer}"]
+        )
+        assert ok.deepspeed.offload_optimizer is True
 
 
 def test_offload_params_needs_zero3():

@@ -86,7 +86,20 @@ def build_model(cfg: Config, model_config: dict[str, Any]) -> torch.nn.Module:
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """AdamW over trainable params; no weight decay on biases and LayerNorms."""
+    """AdamW over trainable params; no weight decay on biases and LayerNorms.
+
+    ``deepspeed.optimizer`` picks the implementation. ``auto`` (the default) is the one place
+    the choice is made: DeepSpeed's CPU Adam (``DeepSpeedCPUAdam``, AdamW mode) when the
+    optimizer runs on the CPU, i.e. on CPU workers and under ZeRO-Offload, and torch's AdamW on
+    GPU. On CPU it steps 4-6x faster than any of torch's AdamW implementations (for-loop,
+    foreach, fused: 80 vs 335-450 ms for 124M params on 2 threads, benchmarks/optimizer_step.py)
+    with the same update (tested against torch's), and it works at every ZeRO stage (0: one
+    fp32 master per parameter; 1-3: flat fp32 partitions) and with LoRA. Its C++ op is
+    JIT-built on first use (a few minutes, once per machine: cached under
+    ~/.cache/torch_extensions, loaded from there in seconds); where it cannot be built (no C++
+    compiler) ``auto`` falls back to torch AdamW with a warning, except under ZeRO-Offload,
+    which needs it.
+    """
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -102,11 +115,26 @@ def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimize
         if g["params"]
     ]
     kw = {"lr": cfg.train.lr, "betas": tuple(cfg.train.betas)}
-    if cfg.deepspeed.optimizer == "cpu_adam":
+    ds = cfg.deepspeed
+    choice = ds.optimizer
+    offload = ds.offload_optimizer or ds.offload_params
+    if choice == "auto":
+        choice = "cpu_adam" if offload or not cfg.scaling.use_gpu else "adamw"
+    if choice == "cpu_adam":
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
-    if cfg.deepspeed.optimizer == "fused_adam":
+        try:
+            return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
+        except Exception as exc:  # noqa: BLE001 - the op's JIT build can fail in many ways
+            if ds.optimizer != "auto" or offload:
+                raise
+            log.warning(
+                "deepspeed.optimizer=auto: DeepSpeedCPUAdam is unavailable here (%s); using torch AdamW, "
+                "slower on CPU. Install a C++ compiler (g++) so DeepSpeed can build its CPU Adam op.",
+                str(exc)[:300],
+            )
+            choice = "adamw"
+    if choice == "fused_adam":
         from deepspeed.ops.adam import FusedAdam
 
         return FusedAdam(groups, adam_w_mode=True, **kw)
@@ -120,7 +148,9 @@ def lr_multiplier(step: int, kind: str, warmup: int, segments: list[list[int]]) 
     schedule over ``total`` steps (as transformers' ``get_scheduler`` computes it). Each later
     one starts where a resume raised the total: it starts from the factor the schedule had
     reached at ``resume_step`` and decays with the same shape to zero at ``new_total``, so
-    extending ``train.max_steps`` on resume never makes the LR jump.
+    extending ``train.max_steps`` on resume never makes the LR jump. A resume of a *finished*
+    run (its factor had reached 0, which would train every added step at LR 0) warms up again
+    from 0 over ``max(1, warmup)`` steps, then decays from the full LR to the new end.
     """
     if step < warmup:
         return step / max(1, warmup)
@@ -129,6 +159,11 @@ def lr_multiplier(step: int, kind: str, warmup: int, segments: list[list[int]]) 
     i = max(j for j, (start, _) in enumerate(segments) if start <= step)
     origin, end = max(segments[i][0], warmup), segments[i][1]
     factor = 1.0 if i == 0 else lr_multiplier(origin, kind, warmup, segments[:i])
+    if i > 0 and origin >= segments[i - 1][1]:  # the previous schedule had run to its end
+        rewarm = max(1, warmup)
+        if step < origin + rewarm:
+            return factor + (1.0 - factor) * (step - origin) / rewarm
+        origin, factor = origin + rewarm, 1.0
     progress = min(1.0, max(0.0, (step - origin) / max(1, end - origin)))
     shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
     return factor * shape

@@ -421,7 +421,10 @@ def test_taylor_pruning_resumed_mid_window_gives_the_same_masks(dist_group, tmp_
     for n, m in unbroken_masks.items():
         assert torch.equal(hook.masks[n], m), n
     weights = _weights(model)
-    assert all(torch.equal(weights[n], w) for n, w in unbroken_weights.items())
+    # Not bit-equal: DeepSpeed's CPU Adam (the CPU default) recomputes its bias corrections
+    # as beta**step after a load, where the unbroken run multiplied them up step by step.
+    for n, w in unbroken_weights.items():
+        torch.testing.assert_close(weights[n], w, rtol=1e-5, atol=1e-6, msg=n)
     # The control: without the saved scores the resumed masks differ, so the check above can fail.
     hook, _, _ = resume(drop_taylor=True)
     assert any(not torch.equal(hook.masks[n], m) for n, m in unbroken_masks.items())

@@ -114,3 +114,23 @@ def test_second_extension_continues_from_the_first():
     at_30 = lr_multiplier(30, "linear", 0, segs[:2])
     assert lr_multiplier(30, "linear", 0, segs) == pytest.approx(at_30)
     assert lr_multiplier(45, "linear", 0, segs) == pytest.approx(at_30 * 0.5)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+@pytest.mark.parametrize("warmup", [0, 4])
+def test_extending_a_finished_run_warms_up_again(schedule: str, warmup: int):
+    """A finished run's LR factor is 0: continuing from it would train every added step at LR 0."""
+    from bloomray.train.engine import lr_multiplier
+
+    segments = [[0, TOTAL], [TOTAL, 2 * TOTAL]]
+    new = [lr_multiplier(s, schedule, warmup, segments) for s in range(2 * TOTAL + 1)]
+    old_end = lr_multiplier(TOTAL, schedule, warmup, segments[:1])
+    assert old_end == pytest.approx(0.0, abs=1e-12)
+    assert new[TOTAL] == pytest.approx(old_end, abs=1e-12)  # the resumed step itself is unchanged
+    rewarm = max(1, warmup)
+    ramp = new[TOTAL : TOTAL + rewarm + 1]
+    assert ramp == pytest.approx([i / rewarm for i in range(rewarm + 1)])  # linear, from 0 to the peak
+    assert new[TOTAL + 1] > 0.0  # the first added step trains
+    after = new[TOTAL + rewarm :]
+    assert all(a >= b for a, b in zip(after, after[1:], strict=False))  # then decays
+    assert new[2 * TOTAL] == pytest.approx(0.0, abs=1e-12)  # to zero at the new end
