@@ -33,7 +33,7 @@ demo: setup
 	$(BIN)/bloomray demo
 
 test: setup
-	$(BIN)/python -m pytest -q -ra tests
+	$(BIN)/python -m pytest -q -ra --durations=20 tests
 
 test-unit: setup
 	$(BIN)/python -m pytest -q -ra tests/unit
