@@ -34,6 +34,7 @@ from _results import report  # benchmarks/ is on sys.path when run as a script
 
 from bloomray.config import load_config
 from bloomray.raycluster import init_ray
+from bloomray.train.progress import latest_registered_step
 from bloomray.train.run import run_training
 
 HIDDEN, LAYERS, HEADS, VOCAB, SEQ, WORKERS = 1024, 24, 16, 250_880, 512, 2
@@ -172,22 +173,11 @@ class RssMonitor:
             time.sleep(interval)
 
 
-def _latest_step(ckpt_root: Path) -> int:
-    try:
-        snapshot, _ = json.JSONDecoder().raw_decode(
-            (ckpt_root / "checkpoint_manager_snapshot.json").read_text()
-        )
-    except (OSError, ValueError):
-        return 0
-    latest = snapshot.get("latest_checkpoint_result") or {}
-    return int((latest.get("metrics") or {}).get("step", 0))
-
-
 def kill_after_checkpoint(out: Path, monitor: RssMonitor, step: int, done: threading.Event) -> dict[str, Any]:
     """SIGKILL one train worker once the checkpoint of ``step`` is registered."""
     facts: dict[str, Any] = {}
     while not done.is_set():
-        if _latest_step(out / "checkpoints") >= step:
+        if latest_registered_step(out) >= step:
             workers = monitor.workers()
             if workers:
                 os.kill(workers[-1].pid, signal.SIGKILL)

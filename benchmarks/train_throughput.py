@@ -6,9 +6,12 @@ through ``prepare_data``), batch sizes, sequence length and dtype (bf16):
   (a) plain single-process PyTorch loop, as many threads as (b)'s worker, with torch's fastest
       AdamW on this box (for-loop, foreach or fused: timed on the model's tensors in this run);
   (b) bloomray: Ray Train + DeepSpeed, 1 worker, ZeRO-0, through ``run_training`` with its
-      defaults (``deepspeed.optimizer=auto``: DeepSpeedCPUAdam on CPU);
-  (c) ``small`` only: bloomray ZeRO-2 on 2 workers (one CPU each, so (c) uses as many cores as
-      (a) and (b)).
+      defaults (``deepspeed.optimizer=auto``: DeepSpeedCPUAdam on CPU) and ``train.compile=true``
+      (opt-in: torch.compile through DeepSpeed's ``engine.compile``; its one-off compile falls
+      in the untimed steps);
+  (b0) the same without ``train.compile`` (eager), so the compile's share is visible;
+  (c) ``small`` only: bloomray ZeRO-2 on 2 workers, compiled (one CPU each, so (c) uses as many
+      cores as (a) and (b)).
 
 Shapes: ``small`` (the preset: hidden 256, 4 layers, 4.2M params) and ``125m``, GPT-2 small's
 shape (hidden 768, 12 layers, 12 heads, GPT-2's 50,257-token vocabulary padded to 50,304:
@@ -54,8 +57,9 @@ ZERO_REDUCTION_TARGET = 0.40
 RUN_NAMES = {
     "(a)": "(a) plain PyTorch, autocast bf16 + fp32 master",
     "(a')": "(a') plain PyTorch, pure bf16 weights",
-    "(b)": "(b) bloomray ZeRO-0",
-    "(c)": "(c) bloomray ZeRO-2",
+    "(b)": "(b) bloomray ZeRO-0, compiled",
+    "(b0)": "(b0) bloomray ZeRO-0, eager",
+    "(c)": "(c) bloomray ZeRO-2, compiled",
 }
 
 
@@ -303,43 +307,33 @@ def bloomray_optimizer() -> tuple[str, float]:
 
 def run_bloomray_runs(
     shape: Shape, base: list[str], data: PreparedData, steps: int, log_every: int, tmp: Path
-) -> tuple[dict[str, Any], dict[str, Any] | None, tuple[str | None, int], tuple[str | None, int] | None]:
-    """(b) and, for ``shape.zero2``, (c) on one local Ray, plus the thread counts Ray gives them."""
+) -> tuple[dict[str, dict[str, Any]], dict[str, tuple[str | None, int]]]:
+    """(b), (b0) and, for ``shape.zero2``, (c) on one local Ray: their summaries by key, and the
+    thread counts Ray gives a worker of (b) and of (c)."""
     import ray
 
     from bloomray.raycluster import init_ray
 
+    one = ["scaling.num_workers=1", f"scaling.cpus_per_worker={THREADS}", "deepspeed.zero_stage=0"]
+    plan = {
+        "(b)": ([*one, "train.compile=true"], "zero0"),
+        "(b0)": (one, "zero0-eager"),
+    }
+    if shape.zero2:
+        two = ["scaling.num_workers=2", "scaling.cpus_per_worker=1", "deepspeed.zero_stage=2"]
+        plan["(c)"] = ([*two, "train.compile=true"], "zero2")
     init_ray(None, RAY_CPUS)
-    zero2, omp_c = None, None
+    runs: dict[str, dict[str, Any]] = {}
     try:
-        omp_b = ray_threads(THREADS)
-        print(
-            f"[bench] {shape.name} (b) bloomray ZeRO-0, 1 worker: {steps} steps, last {log_every} timed",
-            flush=True,
-        )
-        zero0 = run_bloomray(
-            base,
-            ["scaling.num_workers=1", f"scaling.cpus_per_worker={THREADS}", "deepspeed.zero_stage=0"],
-            tmp / "zero0",
-            data,
-            optim_state=shape.zero2,
-        )
+        threads = {"(b)": ray_threads(THREADS)}
         if shape.zero2:
-            omp_c = ray_threads(1)
-            print(
-                f"[bench] {shape.name} (c) bloomray ZeRO-2, 2 workers: {steps} steps, last {log_every} timed",
-                flush=True,
-            )
-            zero2 = run_bloomray(
-                base,
-                ["scaling.num_workers=2", "scaling.cpus_per_worker=1", "deepspeed.zero_stage=2"],
-                tmp / "zero2",
-                data,
-                optim_state=True,
-            )
+            threads["(c)"] = ray_threads(1)
+        for key, (extra, name) in plan.items():
+            print(f"[bench] {shape.name} {RUN_NAMES[key]}: {steps} steps, last {log_every} timed", flush=True)
+            runs[key] = run_bloomray(base, extra, tmp / name, data, optim_state=shape.zero2 and key != "(b0)")
     finally:
         ray.shutdown()
-    return zero0, zero2, omp_b, omp_c
+    return runs, threads
 
 
 # --------------------------------------------------------------------------- report
@@ -348,7 +342,7 @@ def run_bloomray_runs(
 def build_rows(runs: dict[str, dict[str, Any]], fpt: float, peaks: dict[str, float]) -> list[dict[str, Any]]:
     """One row per run; FLOP/s = tokens/s x training FLOPs per token (bloomray's formula)."""
     layout = {"(c)": "2 x 1"}
-    zero = {"(b)": "0", "(c)": "2"}
+    zero = {"(b)": "0", "(b0)": "0", "(c)": "2"}
     plain = runs["(a)"]
     rows = []
     for key, r in runs.items():
@@ -427,8 +421,11 @@ def check_targets(runs: dict[str, dict[str, Any]], shape: Shape) -> list[str]:
     speed = zero0["tokens_per_s"] / plain["tokens_per_s"]
     ok = {True: "met", False: "MISSED"}
     lines = [
-        f"- {shape.name}: (b)/(a) bloomray ZeRO-0 vs plain: {speed:.3f}x (target >= {SPEEDUP_TARGET:.2f}x: "
+        f"- {shape.name}: (b)/(a) bloomray ZeRO-0 compiled vs plain: {speed:.3f}x (target >= {SPEEDUP_TARGET:.2f}x: "
         f"{ok[speed >= SPEEDUP_TARGET]})",
+        f"- {shape.name}: (b0)/(a) bloomray ZeRO-0 eager vs plain: "
+        f"{runs['(b0)']['tokens_per_s'] / plain['tokens_per_s']:.3f}x (no target; what compiling adds: "
+        f"{zero0['tokens_per_s'] / runs['(b0)']['tokens_per_s']:.3f}x)",
         f"- {shape.name}: (b)/(a') bloomray ZeRO-0 vs pure-bf16 plain loop (no master weights): "
         f"{zero0['tokens_per_s'] / pure['tokens_per_s']:.3f}x (no target)",
     ]
@@ -481,20 +478,9 @@ def run_shape(shape: Shape, quick: bool, ours: str) -> Callable[[dict[str, float
         del model_a
         runs["(a')"] = run_plain(plain_cfg, mc, data, plain_warmup, log_every, True, adamw[0])
         runs["(a')"].pop("model")
-        zero0, zero2, omp_b, omp_c = run_bloomray_runs(shape, base, data, steps, log_every, tmp)
-    runs["(b)"] = zero0
-    if zero2 is not None:
-        runs["(c)"] = zero2
-    notes = describe(
-        shape,
-        data,
-        n_params,
-        fpt,
-        (steps, log_every, plain_warmup),
-        {"(b)": omp_b, "(c)": omp_c},
-        adamw,
-        ours,
-    )
+        ours_runs, threads = run_bloomray_runs(shape, base, data, steps, log_every, tmp)
+    runs.update(ours_runs)
+    notes = describe(shape, data, n_params, fpt, (steps, log_every, plain_warmup), threads, adamw, ours)
     params = f"{n_params / 1e6:.1f}M" if n_params < 1e8 else f"{n_params / 1e6:.0f}M"
     title = f"### {shape.name} ({params} params)"
     targets = check_targets(runs, shape)

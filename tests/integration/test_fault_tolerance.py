@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -14,6 +13,7 @@ import psutil
 import pytest
 
 from bloomray.config import load_config
+from bloomray.train.progress import latest_registered_step
 from bloomray.train.run import run_training
 
 pytestmark = pytest.mark.integration
@@ -47,28 +47,14 @@ def _start(cfg: Any, out: Path) -> tuple[threading.Thread, dict[str, Any]]:
     return thread, box
 
 
-def _latest_checkpoint_step(ckpt_root: Path) -> int:
-    """Step of the newest checkpoint Ray has committed (registered in its manager snapshot).
-
-    A checkpoint dir on disk is not enough: Ray registers it when the controller next polls
-    the workers (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), and only registered ones resume.
-    """
-    try:
-        snapshot, _ = json.JSONDecoder().raw_decode(
-            (ckpt_root / "checkpoint_manager_snapshot.json").read_text()
-        )
-    except (OSError, ValueError):
-        return 0  # not written yet, or being rewritten right now
-    latest = snapshot.get("latest_checkpoint_result") or {}
-    return int((latest.get("metrics") or {}).get("step", 0))
-
-
-def _wait_for_checkpoint(ckpt_root: Path, box: dict[str, Any], min_step: int, timeout: float = 240) -> int:
+def _wait_for_checkpoint(out: Path, box: dict[str, Any], min_step: int, timeout: float = 240) -> int:
+    """The newest checkpoint step Ray Train has registered (so a restart resumes from it), once
+    it reaches ``min_step``; a checkpoint dir on storage alone is not one yet."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if "error" in box or "summary" in box:
             pytest.fail(f"run ended before the fault was injected: {box}")
-        step = _latest_checkpoint_step(ckpt_root)
+        step = latest_registered_step(out)
         if step >= min_step:
             return step
         time.sleep(0.2)
@@ -99,11 +85,11 @@ def test_sigkill_worker_resumes_from_last_checkpoint(tmp_path, ray_local):
     cfg = load_config("tiny-cpu", FAST_CKPT)
     out = tmp_path / "run"
     thread, box = _start(cfg, out)
-    _wait_for_checkpoint(out / "checkpoints", box, min_step=10)
+    _wait_for_checkpoint(out, box, min_step=10)
     pids = _train_worker_pids()
     assert len(pids) == 2, pids
     os.kill(pids[-1], signal.SIGKILL)
-    saved_at_kill = _latest_checkpoint_step(out / "checkpoints")
+    saved_at_kill = latest_registered_step(out)
 
     summary = _finish(thread, box)
     assert summary["steps"] == 60
@@ -131,10 +117,7 @@ def test_two_node_cluster_recovers_from_node_loss(tmp_path):
         )
         out = tmp_path / "run"
         thread, box = _start(cfg, out)
-        from bloomray.train.run import checkpoint_location
-
-        ckpt_root = Path("/".join(checkpoint_location(cfg, out.resolve())))
-        _wait_for_checkpoint(ckpt_root, box, min_step=10)
+        _wait_for_checkpoint(out, box, min_step=10)
         nodes_used = {
             node
             for pg in ray.util.placement_group_table().values()
@@ -143,7 +126,7 @@ def test_two_node_cluster_recovers_from_node_loss(tmp_path):
         }
         assert len(nodes_used) == 2, "workers should span both nodes (each reads its data shard remotely)"
         cluster.remove_node(worker_node)  # the node dies with its worker
-        saved_at_loss = _latest_checkpoint_step(ckpt_root)
+        saved_at_loss = latest_registered_step(out)
 
         summary = _finish(thread, box)
         assert summary["steps"] == 60

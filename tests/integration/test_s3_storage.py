@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,17 +56,13 @@ def s3_endpoint() -> Iterator[str]:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    saved = {k: os.environ.get(k) for k in [*KEYS, "AWS_EC2_METADATA_DISABLED"]}
-    os.environ.update({**KEYS, "AWS_EC2_METADATA_DISABLED": "true"})
     try:
-        _s3(f"{host}:{port}").create_bucket(Bucket=BUCKET)
-        yield f"{host}:{port}"
+        with pytest.MonkeyPatch.context() as mp:
+            for k, v in {**KEYS, "AWS_EC2_METADATA_DISABLED": "true"}.items():
+                mp.setenv(k, v)
+            _s3(f"{host}:{port}").create_bucket(Bucket=BUCKET)
+            yield f"{host}:{port}"
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         server.stop()
 
 

@@ -183,6 +183,13 @@ def test_offload_optimizer_needs_zero_stage_1_or_more():
         )
 
 
+def test_compile_is_refused_under_zero3_and_allowed_below():
+    with pytest.raises(ConfigError, match="train.compile=true needs deepspeed.zero_stage 0, 1 or 2"):
+        load_config(None, [*BASE, "train.compile=true", "deepspeed.zero_stage=3"])
+    for stage in (0, 1, 2):
+        assert load_config(None, [*BASE, "train.compile=true", f"deepspeed.zero_stage={stage}"]).train.compile
+
+
 def test_lora_needs_a_pretrained_path():
     with pytest.raises(ConfigError, match="model.path"):
         load_config(None, [*BASE, "model.lora.enabled=true"])

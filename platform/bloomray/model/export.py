@@ -7,11 +7,9 @@ checkpoint never leaves half an export behind.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +18,14 @@ from transformers import AutoTokenizer, BloomConfig
 
 from bloomray.model.build import add_lora, build_from_config, count_parameters, model_class
 from bloomray.model.card import write_model_card
-from bloomray.train.checkpoint import DS_TAG, PROBE_FILE, TOKENIZER_DIR, load_deepspeed_file, read_meta
+from bloomray.train.checkpoint import (
+    DS_TAG,
+    PROBE_FILE,
+    TOKENIZER_DIR,
+    load_deepspeed_file,
+    local_checkpoint_dir,
+    read_meta,
+)
 
 # Seconds of timed forwards per latency figure of an export (see bounded_latency_ms).
 LATENCY_BUDGET_S = 2.0
@@ -183,20 +188,6 @@ def _write_model(model: torch.nn.Module, tmp: Path, prune_method: str) -> dict[s
     return facts
 
 
-@contextlib.contextmanager
-def local_checkpoint(checkpoint: str | Path) -> Iterator[Path]:
-    """``checkpoint`` as a local dir: a path as it is; a URI (``s3://``, ``gs://``, ``file://``,
-    with pyarrow's query options such as ``endpoint_override``) through Ray's
-    ``Checkpoint.as_directory``, which downloads a remote one to a temp dir removed on exit."""
-    if "://" not in str(checkpoint):
-        yield Path(checkpoint)
-        return
-    import ray.train
-
-    with ray.train.Checkpoint(str(checkpoint)).as_directory() as local_dir:
-        yield Path(local_dir)
-
-
 def export_checkpoint(
     checkpoint_dir: str | Path,
     output_dir: str | Path,
@@ -212,7 +203,7 @@ def export_checkpoint(
 
     Args:
         checkpoint_dir: an ``OUTPUT/checkpoints/checkpoint_*`` dir, or a checkpoint's URI on
-            cloud storage (downloaded to a temp dir first, see :func:`local_checkpoint`).
+            cloud storage (downloaded to a temp dir first).
         output_dir: the target; must not exist unless ``overwrite``.
         tolerance: largest accepted |logit| difference vs the engine; default: 8 units in the
             last place of the engine's dtype at the probe's largest logit (bf16 sums in another
@@ -229,7 +220,7 @@ def export_checkpoint(
     out = Path(output_dir)
     if out.exists() and not overwrite:
         raise ExportError(f"{out} exists; pass --overwrite or choose another --output")
-    with local_checkpoint(checkpoint_dir) as ckpt:
+    with local_checkpoint_dir(checkpoint_dir) as ckpt:
         return _export_local(ckpt, out, tolerance, source or str(checkpoint_dir))
 
 

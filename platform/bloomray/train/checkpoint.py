@@ -8,11 +8,14 @@ else. Loading one on resume, with fallback past a corrupt newest one, is ``resto
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import ray.train
 import torch
 
@@ -27,6 +30,12 @@ class CorruptCheckpointError(ValueError):
     """A checkpoint directory is incomplete or damaged; the message says which file and how."""
 
 
+def checkpoint_dir_name(step: int, attempt_tag: str) -> str:
+    """``checkpoint_<step>-<tag>``: the step for people, the attempt's tag so that a restarted
+    attempt never writes into a directory an earlier one left (registered or not)."""
+    return f"{CHECKPOINT_PREFIX}{step:06d}-{attempt_tag}"
+
+
 def save_and_report(
     engine: Any,
     step: int,
@@ -35,15 +44,36 @@ def save_and_report(
     tokenizer_files: dict[str, bytes] | None,
     probe: dict[str, torch.Tensor] | None = None,
     hook_states: list[dict[str, Any]] | None = None,
+    name: str | None = None,
+    local_root: str | None = None,
 ) -> None:
     """Save this rank's shard and report it; every rank must call this at the same steps.
 
     Args:
         meta, tokenizer_files, probe, hook_states: written by rank 0 only (None elsewhere).
+        name: the checkpoint's directory name (the same on every rank; see
+            :func:`checkpoint_dir_name`); None lets Ray name it.
+        local_root: the run's checkpoint directory when it is on a filesystem every rank
+            mounts (local disk, NFS): each rank then writes its files straight into
+            ``local_root/name`` and Ray registers them in place. Otherwise (cloud storage)
+            they go to a temp dir that Ray uploads: twice the writes, and the temp space.
     """
+    if local_root and name:
+        d = Path(local_root) / name
+        d.mkdir(parents=True, exist_ok=True)
+        write_checkpoint(engine, d, step, metrics, meta, tokenizer_files, probe, hook_states)
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint(str(d)),
+            checkpoint_dir_name=name,
+            checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD,
+        )
+        return
     with tempfile.TemporaryDirectory(prefix="bloomray-ckpt-") as tmp:
         write_checkpoint(engine, tmp, step, metrics, meta, tokenizer_files, probe, hook_states)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        ray.train.report(
+            metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name
+        )
 
 
 def write_checkpoint(
@@ -110,3 +140,37 @@ def read_meta(checkpoint_dir: str | Path) -> dict[str, Any]:
 def read_tokenizer_files(tokenizer_dir: Path) -> dict[str, bytes]:
     """The tokenizer dir as bytes, so it travels to workers on any node."""
     return {p.name: p.read_bytes() for p in tokenizer_dir.iterdir() if p.is_file()}
+
+
+@contextlib.contextmanager
+def local_checkpoint_dir(
+    checkpoint: ray.train.Checkpoint | str | Path, files: list[str] | None = None
+) -> Iterator[Path]:
+    """A checkpoint as a local directory, for as long as the ``with`` block runs.
+
+    Args:
+        checkpoint: a ``ray.train.Checkpoint``, a local path, or a URI (``s3://``, ``gs://``,
+            ``file://``, with pyarrow's query options such as ``endpoint_override``).
+        files: on remote storage, download only these (relative paths); default: all of it.
+
+    Yields:
+        The checkpoint's own directory when it is on local disk; else a temp dir holding the
+        download, removed on exit.
+    """
+    if not isinstance(checkpoint, ray.train.Checkpoint):
+        if "://" not in str(checkpoint):
+            yield Path(checkpoint)
+            return
+        checkpoint = ray.train.Checkpoint(str(checkpoint))
+    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+        yield Path(checkpoint.path)
+    elif files is None:
+        with checkpoint.as_directory() as local_dir:
+            yield Path(local_dir)
+    else:
+        with tempfile.TemporaryDirectory(prefix="bloomray-ckpt-") as tmp:
+            for name in files:
+                pafs.copy_files(
+                    f"{checkpoint.path}/{name}", f"{tmp}/{name}", source_filesystem=checkpoint.filesystem
+                )
+            yield Path(tmp)

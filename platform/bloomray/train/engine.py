@@ -201,4 +201,8 @@ def build_engine(
         lr_scheduler=scheduler,
         config=deepspeed_config(cfg, model_config["hidden_size"]),
     )
+    if cfg.train.compile:
+        # In place (nn.Module.compile): parameter names, checkpoints and hooks are unchanged;
+        # the first forward and backward compile, eval (inference mode) compiles once more.
+        engine.compile()
     return engine, model

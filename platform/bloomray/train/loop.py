@@ -6,6 +6,7 @@ logging, eval and checkpointing at the configured intervals.
 
 from __future__ import annotations
 
+import secrets
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -19,7 +20,7 @@ import torch
 from bloomray.config import config_from_dict
 from bloomray.model.build import count_parameters
 from bloomray.train.batches import ShardedBatches, eval_batches
-from bloomray.train.checkpoint import save_and_report
+from bloomray.train.checkpoint import checkpoint_dir_name, save_and_report
 from bloomray.train.collectives import all_reduce_sum, barrier
 from bloomray.train.engine import build_engine, compute_dtype
 from bloomray.train.metrics import (
@@ -31,7 +32,7 @@ from bloomray.train.metrics import (
     peak_memory_mb,
     perplexity,
 )
-from bloomray.train.restore import initial_eval_of_run, restore_latest
+from bloomray.train.restore import restore_latest
 
 
 class StepHook(Protocol):
@@ -69,19 +70,21 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     engine, model = build_engine(cfg, loop_cfg["model_config"], total, loop_cfg["lr_segments"])
     hooks = build_hooks(cfg, engine, model, total)
     t_restore = time.perf_counter()
-    step, restarts, hook_states = restore_latest(engine, device=device)
+    restored = restore_latest(engine, device=device)
+    step = restored.step
     restore_s = time.perf_counter() - t_restore
-    for hook, state in zip(hooks, hook_states, strict=False):
+    for hook, state in zip(hooks, restored.hook_states, strict=False):
         hook.load_state_dict(state)
     batches = ShardedBatches(data["train"], rank, world, cfg.train.micro_batch_size, cfg.train.seed)
     evals = eval_batches(data["eval"], rank, world, cfg.train.micro_batch_size, cfg.train.eval_max_batches)
     flops_tok, peak = _flop_budget(cfg, engine, model, loop_cfg, device)
     sinks = _sinks(cfg, loop_cfg, rank, step)
     is_rank0 = rank == 0
+    tag = _attempt_tag(is_rank0, device)
     # This attempt's restore time and its earlier saves' times (a save's own time is only
     # known after it is written, so each checkpoint records the ones before it).
     timings: dict[str, Any] = {"restore_s": restore_s if step else None, "save_s": []}
-    meta = {**loop_cfg["meta"], "restarts": restarts, "timings": timings} if is_rank0 else None
+    meta = {**loop_cfg["meta"], "restarts": restored.restarts, "timings": timings} if is_rank0 else None
     tok_files = ray.get(loop_cfg["tokenizer"]) if is_rank0 else None
     ga = cfg.grad_accum_steps
     # The loss sum stays on the device: one host sync per log step, not one per micro-batch.
@@ -90,7 +93,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     if is_rank0 and step:
         print(f"[bloomray] resumed from step {step}", flush=True)
     if meta is not None and step:  # a restarted attempt keeps the run's step-0 baseline
-        meta["initial_eval"] = initial_eval_of_run()
+        meta["initial_eval"] = restored.meta.get("initial_eval")
     if step == 0:  # the untrained baseline, so every run shows how far training moved it
         initial = evaluate(engine, cfg.task, evals, device, loop_cfg.get("num_labels"))
         if meta is not None:
@@ -136,7 +139,17 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
             probe = _probe(engine, evals, device) if step == total else None
             states = [h.state_dict() for h in hooks] if is_rank0 else None
             t_save = time.perf_counter()
-            save_and_report(engine, step, metrics, meta, tok_files, probe if is_rank0 else None, states)
+            save_and_report(
+                engine,
+                step,
+                metrics,
+                meta,
+                tok_files,
+                probe if is_rank0 else None,
+                states,
+                name=checkpoint_dir_name(step, tag),
+                local_root=loop_cfg.get("checkpoint_root"),
+            )
             timings["save_s"].append(round(time.perf_counter() - t_save, 3))
         else:
             ray.train.report(metrics)
@@ -258,6 +271,13 @@ def _probe(
     logits = engine(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
     engine.train()
     return {**batch, "logits": logits}
+
+
+def _attempt_tag(is_rank0: bool, device: torch.device) -> str:
+    """Six hex digits drawn by rank 0 and shared with every rank (one all-reduce): this
+    attempt's mark in its checkpoint names."""
+    draw = float(secrets.randbelow(16**6)) if is_rank0 else 0.0
+    return f"{int(all_reduce_sum(torch.tensor([draw], dtype=torch.float64), device).item()):06x}"
 
 
 def _flop_budget(

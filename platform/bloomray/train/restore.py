@@ -12,7 +12,7 @@ import json
 import logging
 import posixpath
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,11 +21,29 @@ import pyarrow.fs as pafs
 import ray.train
 import torch
 
-from bloomray.train.checkpoint import CHECKPOINT_PREFIX, DS_TAG, META_FILE, CorruptCheckpointError
+from bloomray.train.checkpoint import (
+    CHECKPOINT_PREFIX,
+    DS_TAG,
+    META_FILE,
+    CorruptCheckpointError,
+    local_checkpoint_dir,
+)
 from bloomray.train.collectives import all_reduce_sum
 from bloomray.train.hook_state import load_hook_states
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Restored:
+    """What a resume loaded: the step (0: a fresh start), the step every restart so far resumed
+    from (this one included), the step hooks' saved states and the checkpoint's bloomray.json
+    (empty for a fresh start)."""
+
+    step: int
+    restarts: list[int]
+    hook_states: list[dict[str, Any]]
+    meta: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -86,15 +104,6 @@ def read_step(fs: pafs.FileSystem, checkpoint_path: str) -> int | None:
         return int((read_checkpoint_meta(fs, checkpoint_path) or {})["step"])
     except (KeyError, ValueError, TypeError):
         return None
-
-
-def initial_eval_of_run() -> dict[str, float] | None:
-    """The untrained-baseline eval the run recorded at step 0, read from its latest checkpoint
-    (every checkpoint carries it), so a restarted attempt still reports it; None if none."""
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
-        return None
-    return (read_checkpoint_meta(ckpt.filesystem, ckpt.path) or {}).get("initial_eval")
 
 
 def checkpoint_candidates(fs: pafs.FileSystem, latest_path: str) -> list[CheckpointRef]:
@@ -162,9 +171,7 @@ def validate_checkpoint_dir(directory: str | Path) -> dict[str, Any]:
     return meta
 
 
-def restore_latest(
-    engine: Any, device: torch.device | None = None
-) -> tuple[int, list[int], list[dict[str, Any]]]:
+def restore_latest(engine: Any, device: torch.device | None = None) -> Restored:
     """Load the latest loadable reported checkpoint into ``engine`` (collective: all ranks).
 
     Args:
@@ -172,15 +179,14 @@ def restore_latest(
         device: this rank's device, for the vote and the hook tensors (``engine.device`` if None).
 
     Returns:
-        (step, restarts, hook_states): the checkpoint's step (0 if none), the steps every
-        restart so far resumed from (this one included), and the step hooks' saved states.
+        What was loaded; step 0 and nothing else when the run has no checkpoint yet.
 
     Raises:
         RuntimeError: no candidate loaded on every rank; lists each one tried and its error.
     """
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
-        return 0, [], []
+        return Restored(0, [], [], {})
     device = device if device is not None else engine.device
     candidates = checkpoint_candidates(ckpt.filesystem, ckpt.path)
     return restore_first_loadable(engine, ckpt.filesystem, candidates, device)
@@ -188,7 +194,7 @@ def restore_latest(
 
 def restore_first_loadable(
     engine: Any, fs: pafs.FileSystem, candidates: Sequence[CheckpointRef], device: torch.device
-) -> tuple[int, list[int], list[dict[str, Any]]]:
+) -> Restored:
     """Try ``candidates`` in order; the first one that every rank loads wins (collective).
 
     Args:
@@ -198,7 +204,7 @@ def restore_first_loadable(
         device: this rank's device.
 
     Returns:
-        (step, restarts, hook_states), as :func:`restore_latest`.
+        What the winning candidate held (:class:`Restored`).
 
     Raises:
         RuntimeError: none loaded on every rank; lists each candidate and why it failed.
@@ -220,8 +226,8 @@ def restore_first_loadable(
 
 def _try_candidate(
     engine: Any, fs: pafs.FileSystem, ref: CheckpointRef, device: torch.device
-) -> tuple[tuple[int, list[int], list[dict[str, Any]]] | None, str]:
-    """Load one candidate on every rank, or on none: ((step, restarts, hooks), "") or (None, why).
+) -> tuple[Restored | None, str]:
+    """Load one candidate on every rank, or on none: (what it held, "") or (None, why).
 
     Two votes keep ranks in lockstep. The first follows the local checks (download, files,
     hook state), so a damaged file stops every rank before DeepSpeed's load, which can run
@@ -231,9 +237,9 @@ def _try_candidate(
     with contextlib.ExitStack() as stack:
         meta: dict[str, Any] = {}
         hooks: list[dict[str, Any]] = []
-        d = ""
+        d: Path | str = ""
         try:
-            d = stack.enter_context(_local_dir(fs, ref.path))
+            d = stack.enter_context(local_checkpoint_dir(ray.train.Checkpoint(ref.path, filesystem=fs)))
             meta = validate_checkpoint_dir(d)
             hooks = load_hook_states(d, device)
             error = ""
@@ -253,14 +259,7 @@ def _try_candidate(
         if verdict:
             return None, verdict
     step = int(client_state["step"])  # type: ignore[index]  # not None: checked above
-    return (step, [*meta.get("restarts", []), step], hooks), ""
-
-
-@contextlib.contextmanager
-def _local_dir(fs: pafs.FileSystem, path: str) -> Iterator[str]:
-    """The checkpoint as a local directory: itself on a local filesystem, else a download."""
-    with ray.train.Checkpoint(path, filesystem=fs).as_directory() as d:
-        yield d
+    return Restored(step, [*meta.get("restarts", []), step], hooks, meta), ""
 
 
 def _vote(error: str, key: int, device: torch.device) -> str:

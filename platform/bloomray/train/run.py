@@ -7,14 +7,11 @@ and ``config.yaml`` (the resolved config, which ``--resume`` reloads).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
-import tempfile
 import urllib.parse
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,8 +27,9 @@ from bloomray.data.tokenizer import load_tokenizer
 from bloomray.model.build import resolve_model_config
 from bloomray.raycluster import init_ray, worker_env
 from bloomray.train.batches import steps_per_epoch, total_steps
-from bloomray.train.checkpoint import META_FILE, read_meta, read_tokenizer_files
+from bloomray.train.checkpoint import META_FILE, local_checkpoint_dir, read_meta, read_tokenizer_files
 from bloomray.train.loop import train_loop_per_worker
+from bloomray.train.progress import CheckpointIndex, index_path
 from bloomray.train.resume import (
     ResumeContract,
     check_resume,
@@ -89,6 +87,17 @@ def checkpoint_location(cfg: Config, out: Path) -> tuple[str, str]:
         return str(out), "checkpoints"
     digest = hashlib.sha256(str(out).encode()).hexdigest()[:8]
     return cfg.output.storage_path, f"{out.name}-{digest}"
+
+
+def local_checkpoint_root(cfg: Config, out: Path) -> str | None:
+    """The run's checkpoint directory when storage is a local path (local disk, or NFS mounted
+    on every node), where workers write checkpoints in place; None on cloud storage."""
+    storage, name = checkpoint_location(cfg, out)
+    if storage.startswith("file://"):
+        storage = storage.removeprefix("file://")
+    elif "://" in storage:
+        return None
+    return str(Path(storage).expanduser().resolve() / name)
 
 
 def plan_run(cfg: Config, out: Path, data: PreparedData, tokenizer_dir: Path) -> RunPlan:
@@ -154,6 +163,7 @@ def build_loop_config(
         "lr_segments": plan.lr_segments,
         "meta": meta,
         "log_dir": str(out / "logs"),
+        "checkpoint_root": local_checkpoint_root(cfg, out),
         "run_name": out.name,
         "params": _flat_params(cfg),
     }
@@ -165,7 +175,8 @@ def build_trainer(
     """A TorchTrainer whose checkpoints live in ``OUTPUT/checkpoints`` (resumable by name).
 
     With ``output.storage_path`` (shared or cloud storage on a cluster) they live in
-    ``storage_path/<output dir name>`` instead.
+    ``storage_path/<output dir name>`` instead. Each one Ray registers is listed in
+    ``OUTPUT/logs/checkpoints.json`` (``progress.py``).
     """
     storage, name = checkpoint_location(cfg, out)
     s = cfg.scaling
@@ -185,7 +196,7 @@ def build_trainer(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             worker_runtime_env={"env_vars": worker_env(s.use_gpu)},
-            callbacks=callbacks,
+            callbacks=[CheckpointIndex(index_path(out)), *(callbacks or [])],
         ),
     )
 
@@ -238,29 +249,8 @@ def train_prepared(
         raise TrainingError(f"training finished without a checkpoint in {out / 'checkpoints'}")
     source = checkpoint_uri(result.checkpoint, checkpoint_location(cfg, out)[0])
     # Without an export the summary needs only the checkpoint's metadata file.
-    with checkpoint_as_local_dir(result.checkpoint, None if cfg.output.export else [META_FILE]) as local_dir:
+    with local_checkpoint_dir(result.checkpoint, None if cfg.output.export else [META_FILE]) as local_dir:
         return finish_run(out, local_dir, cfg.output.export, source=source)
-
-
-@contextlib.contextmanager
-def checkpoint_as_local_dir(
-    checkpoint: ray.train.Checkpoint, files: list[str] | None = None
-) -> Iterator[str]:
-    """``checkpoint`` as a local dir: its own path on local disk; on cloud storage (``s3://``...)
-    a temp dir removed on exit, holding only ``files`` when given, else all of it (through
-    ``Checkpoint.as_directory``)."""
-    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
-        yield checkpoint.path
-    elif files is None:
-        with checkpoint.as_directory() as local_dir:
-            yield local_dir
-    else:
-        with tempfile.TemporaryDirectory(prefix="bloomray-ckpt-") as tmp:
-            for name in files:
-                pafs.copy_files(
-                    f"{checkpoint.path}/{name}", f"{tmp}/{name}", source_filesystem=checkpoint.filesystem
-                )
-            yield tmp
 
 
 def checkpoint_uri(checkpoint: ray.train.Checkpoint, storage: str) -> str:

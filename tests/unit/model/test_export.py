@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 from transformers import BloomConfig
 
 from bloomray.model.build import build_from_config
-from bloomray.model.export import bounded_latency_ms, empty_model, local_checkpoint
+from bloomray.model.export import bounded_latency_ms, empty_model
 
 TINY = BloomConfig(vocab_size=96, hidden_size=16, n_layer=2, n_head=2)
 
@@ -60,11 +59,3 @@ def test_latency_of_a_fast_model_is_the_median_of_ten():
     model = _Timed(0.0)
     bounded_latency_ms(model, budget_s=1.0)
     assert model.calls == 2 + 1 + 10  # the first estimate, then a warm-up and 10 timed
-
-
-def test_local_checkpoint_is_the_dir_itself_for_paths_and_file_uris(tmp_path: Path):
-    with local_checkpoint(tmp_path) as d:
-        assert d == tmp_path
-    with local_checkpoint(f"file://{tmp_path}") as d:
-        assert d == tmp_path  # no copy of a local checkpoint
-    assert tmp_path.is_dir()

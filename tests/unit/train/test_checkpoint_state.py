@@ -295,9 +295,11 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(how, two_checkpoin
     engine, model, _ = _build(seed=123, extra=ONE_SHOT_AT_2)  # other init: weights must be loaded
     fs = pafs.LocalFileSystem()
     with caplog.at_level(logging.WARNING, logger="bloomray.train.restore"):
-        step, restarts, hooks = restore_first_loadable(
+        restored = restore_first_loadable(
             engine, fs, checkpoint_candidates(fs, str(run / "checkpoint_000001")), CPU
         )
+    step, restarts, hooks = restored.step, restored.restarts, restored.hook_states
+    assert restored.meta["step"] == 2  # the checkpoint's own bloomray.json
     assert (step, restarts) == (2, [2])
     assert list(hooks[0]["masks"]) == list(at_two["masks"])
     assert all(torch.equal(hooks[0]["masks"][n], m) for n, m in at_two["masks"].items())
@@ -319,7 +321,8 @@ def test_fallback_works_on_a_non_local_pyarrow_filesystem(two_checkpoints, tmp_p
     assert [(r.path, r.step) for r in refs] == [("run/checkpoint_000001", 4), ("run/checkpoint_000000", 2)]
     engine, model, _ = _build(seed=123, extra=ONE_SHOT_AT_2)
     with caplog.at_level(logging.WARNING, logger="bloomray.train.restore"):
-        step, restarts, hooks = restore_first_loadable(engine, fs, refs, CPU)
+        restored = restore_first_loadable(engine, fs, refs, CPU)
+    step, restarts, hooks = restored.step, restored.restarts, restored.hook_states
     assert (step, restarts) == (2, [2])
     assert all(torch.equal(hooks[0]["masks"][n], m) for n, m in at_two["masks"].items())
     weights = _weights(model)
@@ -340,7 +343,7 @@ def _restore_with_fake_peer(monkeypatch, run: Path, peer: list[torch.Tensor]):
     engine, model, _ = _build(seed=123, extra=ONE_SHOT_AT_2)
     fs = pafs.LocalFileSystem()
     refs = checkpoint_candidates(fs, str(run / "checkpoint_000001"))
-    return restore_first_loadable(engine, fs, refs, CPU)[0], calls, model
+    return restore_first_loadable(engine, fs, refs, CPU).step, calls, model
 
 
 def _peer(failed: float, step: float) -> torch.Tensor:
@@ -408,7 +411,8 @@ def test_taylor_pruning_resumed_mid_window_gives_the_same_masks(dist_group, tmp_
         engine, model, hook = _build(seed=7, taylor=True)  # a fresh worker, other init
         fs = pafs.LocalFileSystem()
         refs = checkpoint_candidates(fs, str(tmp_path / "checkpoint_000000"))
-        step, _, states = restore_first_loadable(engine, fs, refs, CPU)
+        restored = restore_first_loadable(engine, fs, refs, CPU)
+        step, states = restored.step, restored.hook_states
         if drop_taylor:
             states[0]["taylor"] = {}
         hook.load_state_dict(states[0])
@@ -428,3 +432,27 @@ def test_taylor_pruning_resumed_mid_window_gives_the_same_masks(dist_group, tmp_
     # The control: without the saved scores the resumed masks differ, so the check above can fail.
     hook, _, _ = resume(drop_taylor=True)
     assert any(not torch.equal(hook.masks[n], m) for n, m in unbroken_masks.items())
+
+
+# ---------------------------------------------------------------------- compiled engine
+
+
+def test_compiled_engine_trains_and_checkpoints_like_the_eager_one(dist_group, tmp_path):
+    """``train.compile=true``: same masks, weights within fp32 reordering, same saved names."""
+    eager, eager_model, eager_hook = _build(extra=ONE_SHOT_AT_2)
+    _train(eager, eager_hook, range(1, 5))
+    compiled, compiled_model, compiled_hook = _build(extra=[*ONE_SHOT_AT_2, "train.compile=true"])
+    assert compiled.is_compiled and not eager.is_compiled
+    _train(compiled, compiled_hook, range(1, 5))
+    assert all(torch.equal(compiled_hook.masks[n], m) for n, m in eager_hook.masks.items())
+    weights = _weights(compiled_model)
+    for n, w in _weights(eager_model).items():
+        torch.testing.assert_close(weights[n], w, rtol=1e-4, atol=1e-5, msg=n)
+    _save(eager, eager_hook, tmp_path / "eager", 4)
+    _save(compiled, compiled_hook, tmp_path / "compiled", 4)
+    from bloomray.train.checkpoint import load_deepspeed_file
+
+    names = [
+        sorted(load_deepspeed_file(tmp_path / d / MODEL_STATES)["module"]) for d in ("eager", "compiled")
+    ]
+    assert names[0] == names[1] and not any("_orig_mod" in n for n in names[1])

@@ -1,4 +1,4 @@
-"""Where a run's final checkpoint is read from: its URI, and a local dir for summary and export."""
+"""Where a checkpoint is read from: its URI, and a local dir for restore, summary and export."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import pyarrow.fs as pafs
 import pytest
 from ray.train import Checkpoint
 
-from bloomray.train.run import checkpoint_as_local_dir, checkpoint_uri
+from bloomray.config import load_config
+from bloomray.train.checkpoint import checkpoint_dir_name, local_checkpoint_dir
+from bloomray.train.run import checkpoint_location, checkpoint_uri, local_checkpoint_root
 
 
 def _remote_like(root: Path) -> Checkpoint:
@@ -41,19 +43,55 @@ def test_remote_checkpoint_uri_keeps_the_query_and_drops_credentials(storage: st
 
 
 def test_a_local_checkpoint_is_used_in_place(tmp_path: Path):
-    with checkpoint_as_local_dir(Checkpoint(str(tmp_path)), ["bloomray.json"]) as d:
-        assert d == str(tmp_path)
+    with local_checkpoint_dir(Checkpoint(str(tmp_path)), ["bloomray.json"]) as d:
+        assert d == tmp_path
+
+
+def test_a_local_path_or_file_uri_is_used_in_place(tmp_path: Path):
+    with local_checkpoint_dir(tmp_path) as d:
+        assert d == tmp_path
+    with local_checkpoint_dir(f"file://{tmp_path}") as d:
+        assert d == tmp_path  # no copy of a local checkpoint
+    assert tmp_path.is_dir()
 
 
 def test_a_remote_checkpoint_downloads_only_the_files_asked_for(tmp_path: Path):
-    with checkpoint_as_local_dir(_remote_like(tmp_path / "store"), ["bloomray.json"]) as d:
+    with local_checkpoint_dir(_remote_like(tmp_path / "store"), ["bloomray.json"]) as d:
         assert sorted(p.name for p in Path(d).iterdir()) == ["bloomray.json"]
         assert json.loads((Path(d) / "bloomray.json").read_text()) == {"step": 7}
     assert not Path(d).exists()
 
 
 def test_a_remote_checkpoint_downloads_whole_for_export(tmp_path: Path):
-    with checkpoint_as_local_dir(_remote_like(tmp_path / "store")) as d:
+    with local_checkpoint_dir(_remote_like(tmp_path / "store")) as d:
         assert (Path(d) / "ds" / "shard.pt").read_bytes() == b"x" * 1000
         assert not Path(d).is_relative_to(tmp_path)  # a copy, not the stored dir
     assert not Path(d).exists()
+
+
+@pytest.mark.parametrize(
+    ("storage", "local"),
+    [
+        (None, True),  # OUTPUT/checkpoints
+        ("{tmp}/shared", True),  # local disk or an NFS mount: written in place
+        ("file://{tmp}/shared", True),
+        ("s3://bkt/runs?endpoint_override=127.0.0.1:9", False),  # uploaded from a temp dir
+    ],
+)
+def test_checkpoints_are_written_in_place_on_local_storage_only(tmp_path: Path, storage, local):
+    overrides = ["train.max_steps=1"] + (
+        [f"output.storage_path={storage.format(tmp=tmp_path)}"] if storage else []
+    )
+    cfg = load_config(None, overrides)
+    out = tmp_path / "run"
+    root = local_checkpoint_root(cfg, out)
+    if not local:
+        assert root is None
+        return
+    storage_dir, name = checkpoint_location(cfg, out)
+    assert root == str(Path(storage_dir.removeprefix("file://")) / name)
+
+
+def test_checkpoint_names_carry_step_and_attempt():
+    assert checkpoint_dir_name(40, "0a1b2c") == "checkpoint_000040-0a1b2c"
+    assert checkpoint_dir_name(40, "0a1b2c") != checkpoint_dir_name(40, "ffffff")
