@@ -58,7 +58,10 @@ def _saved_masks(ckpt: Path) -> dict[str, torch.Tensor]:
     return state["masks"]
 
 
-@pytest.mark.parametrize("stage", [0, 2, 3])
+# ZeRO-0 keeps its fp32 masters per parameter, ZeRO-3 in partitions gathered at save; ZeRO-1 and
+# ZeRO-2 (flat partitions, like 3 without the parameter sharding) are the 2:4 and the structured
+# runs below, which check the same fp32 masters.
+@pytest.mark.parametrize("stage", [0, 3])
 def test_masks_hold_in_fp32_masters_under_zero(stage, tmp_path, ray_local):
     out = tmp_path / f"zero{stage}"
     summary = run_training(load_config("tiny-cpu", [*PRUNE, f"deepspeed.zero_stage={stage}"]), out)

@@ -279,20 +279,14 @@ def served(exports):
         "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cores)),  # core ids, not "all"
         "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",  # apply_model sends a function to the worker
     }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
         prompts = _prompts()
         ref = _serve(exports["fp"], prompts)
         yield {"fp": ref} | {
             kind: _serve(exports[kind], prompts, forced=ref["forced"]) for kind in ("int8", "compact_int8")
         }
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def test_vllm_reports_w8a8(served):

@@ -56,12 +56,23 @@ def _logged(out: Path, tag: str) -> list[tuple[int, float]]:
     return sorted(points)
 
 
+def write_notes(path: Path) -> Path:
+    """What a new user tries first: ``data.path`` at any plain text file (blank-line documents)."""
+    path.write_text(
+        "\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog {i}." for i in range(400))
+    )
+    return path
+
+
 @pytest.fixture(scope="module")
 def extended(tmp_path_factory, ray_local) -> dict[str, Any]:
-    """The 10-step run, its state before the resume, and the resume to 20 steps."""
-    out = (tmp_path_factory.mktemp("resume") / "run").resolve()
-    cfg = load_config("tiny-cpu", TEN_STEPS)
+    """The 10-step run on a plain text file and its state before the resume."""
+    root = tmp_path_factory.mktemp("resume")
+    out = (root / "run").resolve()
+    text = write_notes(root / "notes.txt")
+    cfg = load_config("tiny-cpu", [*TEN_STEPS, f"data.path={text}"])
     first = run_training(cfg, out)
+    assert first["data"]["source"] == str(text) and first["eval_loss"] is not None
     before = {"summary": first, "tokenizer_hash": hash_dir(out / "tokenizer")}
     return {"out": out, "cfg": cfg, "before": before}
 

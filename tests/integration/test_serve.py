@@ -59,16 +59,20 @@ def server(model_dirs, ray_local, tmp_path_factory):
     from bloomray.serving.auth import write_key_file
 
     keys = write_key_file(tmp_path_factory.mktemp("keys") / "api_keys", ["# test keys", "", KEY])
-    os.environ["BLOOMRAY_API_KEYS_FILE"] = str(keys)
-    os.environ.pop("BLOOMRAY_API_KEYS", None)
-
-    url = start_server(
-        {"tiny": str(model_dirs["lm"]), "compact": str(model_dirs["compact"]), "clf": str(model_dirs["clf"])},
-        port=free_port_number(),
-        overrides=SERVER,
-    )
-    yield url
-    serve.delete("bloomray")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BLOOMRAY_API_KEYS_FILE", str(keys))
+        mp.delenv("BLOOMRAY_API_KEYS", raising=False)
+        url = start_server(
+            {
+                "tiny": str(model_dirs["lm"]),
+                "compact": str(model_dirs["compact"]),
+                "clf": str(model_dirs["clf"]),
+            },
+            port=free_port_number(),
+            overrides=SERVER,
+        )
+        yield url
+    serve.shutdown()  # every app and Serve's proxy: a later module starts Serve on its own port
 
 
 def test_openai_client_completions_chat_and_stream(server, model_dirs):
