@@ -310,7 +310,7 @@ def run_bloomray(args_overrides: list[str], out: Path, data: PreparedData) -> di
     """``run_training`` on a local Ray; checks it trained on the same data as (a)."""
     import ray
 
-    from bloomray.train.run import run_training
+    from bloomray.export.run import run_training
 
     try:
         summary = run_training(load_config(None, args_overrides), out)

@@ -33,9 +33,9 @@ import psutil
 from _results import report  # benchmarks/ is on sys.path when run as a script
 
 from bloomray.config import load_config
-from bloomray.raycluster import init_ray
+from bloomray.export.run import run_training
+from bloomray.raycluster import init_ray, train_worker_processes
 from bloomray.train.progress import latest_registered_step
-from bloomray.train.run import run_training
 
 HIDDEN, LAYERS, HEADS, VOCAB, SEQ, WORKERS = 1024, 24, 16, 250_880, 512, 2
 GIB = 1024**3
@@ -153,14 +153,7 @@ class RssMonitor:
         self._thread.join()
 
     def workers(self) -> list[psutil.Process]:
-        out = []
-        for proc in psutil.Process(os.getpid()).children(recursive=True):
-            try:
-                if " ".join(proc.cmdline()).startswith("ray::RayTrainWorker"):
-                    out.append(proc)
-            except psutil.Error:
-                pass
-        return out
+        return train_worker_processes()
 
     def _run(self, interval: float) -> None:
         while not self._stop.is_set():
@@ -236,8 +229,8 @@ def export_and_serve(run: dict[str, Any], serve: bool) -> dict[str, Any]:
     """Export the final checkpoint (timed), reload it, and serve 3 completions over HTTP."""
     import httpx
 
-    from bloomray.model.export import export_checkpoint
-    from bloomray.model.load import load_model
+    from bloomray.export.consolidate import export_checkpoint
+    from bloomray.export.load import load_model
 
     model_dir = run["out"] / "model"
     t0 = time.perf_counter()

@@ -65,8 +65,8 @@ from _results import markdown_table, report  # benchmarks/ is on sys.path when r
 from bloomray.config import PruneConfig
 from bloomray.data.corpus import embedded_documents
 from bloomray.data.tokenizer import train_tokenizer
+from bloomray.export.consolidate import compact_model
 from bloomray.model.build import build_from_config, count_parameters
-from bloomray.model.export import compact_model
 from bloomray.prune.masks import structured_masks, target_names
 from bloomray.serving.run import DEFAULT_CONFIG, read_serve_config
 

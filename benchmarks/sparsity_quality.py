@@ -9,7 +9,7 @@ Per dataset four runs through ``run_training`` with identical settings except ``
 dense; 50% and 80% unstructured gradual magnitude pruning (cubic schedule); 50% structured
 MLP-neuron pruning. Every pruned run ramps sparsity from 10% to 65% of training and then
 fine-tunes the pruned model for the last 35% of steps (recovery). After all training, Ray is
-shut down and each exported model is loaded with ``bloomray.model.load.load_model`` and timed
+shut down and each exported model is loaded with ``bloomray.export.load.load_model`` and timed
 in this one process, one after another (fixed batch, fixed torch threads), so latencies are
 comparable. Prints eval loss (and accuracy for SST-2) with ratios to dense, exported
 parameters, non-zero weights, safetensors bytes on disk vs dense, forward latency and the
@@ -171,8 +171,8 @@ def train_all(plan: list[tuple[Dataset, list[Variant]]], tmp: Path) -> dict[tupl
     """Every (dataset, variant) run on one local Ray; summaries keyed by (dataset, variant)."""
     import ray
 
+    from bloomray.export.run import run_training
     from bloomray.raycluster import init_ray
-    from bloomray.train.run import run_training
 
     summaries: dict[tuple[str, str], dict[str, Any]] = {}
     init_ray(None, RAY_CPUS)
@@ -209,7 +209,8 @@ def measure_latencies(
     Each round times every model once (median of ``repeats`` forwards on the same fixed
     batch); a model's latency is its best round, the least disturbed on a shared box.
     """
-    from bloomray.model.load import forward_latency_ms, load_model
+    from bloomray.export.latency import forward_latency_ms
+    from bloomray.export.load import load_model
 
     torch.set_num_threads(THREADS)
     models = {key: load_model(d) for key, d in model_dirs.items()}

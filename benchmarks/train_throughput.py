@@ -221,7 +221,7 @@ def run_bloomray(
     base: list[str], extra: list[str], out: Path, data: PreparedData, optim_state: bool
 ) -> dict[str, Any]:
     """``run_training`` with ``extra`` overrides; checks it trained on the same data as (a)."""
-    from bloomray.train.run import run_training
+    from bloomray.export.run import run_training
 
     summary = run_training(load_config(None, base + extra), out)
     if summary["data"] != data.stats:

@@ -1,11 +1,11 @@
 """Fine-tune BLOOM (sequence classification, instruction/chat sft, or causal LM) on Ray Train + DeepSpeed.
 
 On a cluster:
-    ray job submit --working-dir . -- python jobs/finetune.py --config jobs/configs/classify-tiny-cpu.yaml --output /mnt/shared/runs/cls --set data.path=/mnt/shared/data/reviews.csv
+    ray job submit --working-dir . -- python jobs/finetune.py --config classify-tiny-cpu --output /mnt/shared/runs/cls --set data.path=/mnt/shared/data/reviews.csv
 Locally (starts a local Ray):
-    python jobs/finetune.py --config jobs/configs/classify-tiny-cpu.yaml --output outputs/cls --set data.path=reviews.csv
+    python jobs/finetune.py --config classify-tiny-cpu --output outputs/cls --set data.path=reviews.csv
 Instruction tuning (JSONL of prompt/response pairs or chat messages):
-    python jobs/finetune.py --config jobs/configs/sft.yaml --output outputs/sft --set data.path=chats.jsonl
+    python jobs/finetune.py --config sft --output outputs/sft --set data.path=chats.jsonl
 """
 
 import sys

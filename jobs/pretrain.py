@@ -1,9 +1,9 @@
 """Pretrain (or continue pretraining) BLOOM on Ray Train + DeepSpeed.
 
 On a cluster:
-    ray job submit --working-dir . -- python jobs/pretrain.py --config jobs/configs/bloom-560m-zero2.yaml --output /mnt/shared/runs/x
+    ray job submit --working-dir . -- python jobs/pretrain.py --config bloom-560m-zero2 --output /mnt/shared/runs/x
 Locally (starts a local Ray):
-    python jobs/pretrain.py --config jobs/configs/tiny-cpu.yaml --output outputs/tiny --set train.max_steps=30
+    python jobs/pretrain.py --config tiny-cpu --output outputs/tiny --set train.max_steps=30
 """
 
 import sys

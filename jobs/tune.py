@@ -1,9 +1,9 @@
 """Search learning rate and sparsity schedules with Ray Tune (each trial a Ray Train + DeepSpeed run).
 
 On a cluster:
-    ray job submit --working-dir . -- python jobs/tune.py --config jobs/configs/tune-bloom-560m.yaml --output /mnt/shared/tune/x
+    ray job submit --working-dir . -- python jobs/tune.py --config tune-bloom-560m --output /mnt/shared/tune/x
 Locally (starts a local Ray):
-    python jobs/tune.py --config jobs/configs/tune-tiny-cpu.yaml --output outputs/tune
+    python jobs/tune.py --config tune-tiny-cpu --output outputs/tune
 """
 
 import sys

@@ -58,8 +58,8 @@ def make_model_dirs(root: Path) -> dict[str, Path]:
     """A dense LM, its compacted structured-pruned export, and a classifier, saved under ``root``."""
     from bloomray.data.corpus import embedded_documents
     from bloomray.data.tokenizer import train_tokenizer
+    from bloomray.export.consolidate import compact_model
     from bloomray.model.build import build_from_config
-    from bloomray.model.export import compact_model
 
     tok = train_tokenizer(embedded_documents()[:30], 512)
     ids = {
@@ -108,7 +108,7 @@ def greedy_reference(model_dir: Path, prompt: str, max_tokens: int, stop: list[s
     """transformers' greedy continuation (bloomray's loader, fp32), cut at the first stop string."""
     from transformers import AutoTokenizer
 
-    from bloomray.model.load import load_model
+    from bloomray.export.load import load_model
 
     key = str(model_dir)
     if key not in _REFERENCE:

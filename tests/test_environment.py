@@ -23,4 +23,8 @@ def test_cuda_only_torch_addons_are_not_installed(dist):
 
 def test_bloomray_registers_its_vllm_plugin():
     plugins = importlib.metadata.entry_points(group="vllm.general_plugins")
-    assert any(ep.value.startswith("bloomray.") for ep in plugins)
+    ours = [ep for ep in plugins if ep.name == "bloomray"]
+    assert [ep.value for ep in ours] == ["bloomray.serving.vllm_plugin:register"]
+    from bloomray.serving.vllm_plugin import register
+
+    assert ours[0].load() is register  # the installed entry point is this checkout's function

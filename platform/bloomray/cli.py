@@ -1,4 +1,9 @@
-"""``bloomray <verb>``: parse arguments, then call one library function per verb."""
+"""``bloomray <verb>``: parse arguments, then call one library function per verb.
+
+A :class:`~bloomray.errors.BloomrayError` (bad input: exit 2; failed work: exit 1) prints as
+one line ``bloomray: error: <message>``; anything else is a bug and prints its full traceback
+(exit 1). ``-v`` (before or after the verb) adds debug logging and the traceback of every error.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +12,12 @@ import json
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bloomray.config import ConfigError, load_config
+from bloomray.config import ConfigError, load_config, preset_names
+from bloomray.errors import BloomrayError
 
 EPILOG = """examples:
   bloomray pretrain --config tiny-cpu --output outputs/tiny
@@ -22,7 +29,13 @@ EPILOG = """examples:
   bloomray tune --resume outputs/tune
   bloomray export --checkpoint outputs/tiny/checkpoints/checkpoint_... --output exported/
   bloomray demo
+
+exit codes: 0 done; 2 bad input (config, data, tokenizer, model or checkpoint path), one line
+on stderr; 1 the work failed (training, export), or a bug (full traceback); 130 interrupted.
+Add -v (before or after the verb) for debug logs and the traceback of every error.
 """
+
+VERBOSE_HELP = "debug logging, and the full traceback of every error"
 
 
 def _add_set(p: argparse.ArgumentParser, example: str) -> None:
@@ -44,7 +57,7 @@ def _add_run_args(p: argparse.ArgumentParser, default_config: str) -> None:
     p.add_argument(
         "--config",
         default=default_config,
-        help=f"YAML file or preset name in jobs/configs (default: {default_config})",
+        help=f"YAML file or preset name: {', '.join(preset_names())} (default: {default_config})",
     )
     p.add_argument("--output", help="output dir (default: output.dir of the config)")
     _add_set(p, "train.lr=3e-4")
@@ -64,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     p = sub.add_parser(
@@ -106,8 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "serve",
         help="serve model dirs on Ray Serve + vLLM (OpenAI-style HTTP, continuous batching, autoscaling)",
-        description="Start the Serve app of serve/config.yaml for --model DIR on a local Ray, or attach it to a "
-        "cluster with --address. Causal LMs run on vLLM (Ray Serve LLM), classifiers on transformers. "
+        description="Start the Serve app of the shipped Serve config (--print-config shows it) for "
+        "--model DIR on a local Ray, or attach it to a cluster with --address. Causal LMs run on vLLM (Ray Serve LLM), classifiers on transformers. "
         "API keys come from BLOOMRAY_API_KEYS_FILE or BLOOMRAY_API_KEYS (else ~/.bloomray/api_keys is "
         "created). SIGINT/SIGTERM shut Serve and Ray down and exit 0.",
     )
@@ -119,7 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="model dir to serve (repeatable; NAME=DIR serves several variants, chosen by the "
         "request's model field)",
     )
-    p.add_argument("--config", default=None, help="Serve config YAML (default: serve/config.yaml)")
+    p.add_argument("--config", default=None, help="Serve config YAML (default: the shipped one)")
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the shipped Serve config and exit (edit it for `serve deploy FILE` on a cluster)",
+    )
     p.add_argument("--port", type=int, help="HTTP port (default: the config's, 8000)")
     p.add_argument(
         "--host",
@@ -162,11 +180,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, default=4, help="Tune trials (default: 4)")
     _add_set(p, "train.max_steps=30 (the pretraining config, tiny-cpu)")
     p.set_defaults(func=cmd_demo)
+
+    # -v after the verb too; SUPPRESS: a verb without it keeps the top-level value.
+    for verb_parser in sub.choices.values():
+        verb_parser.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP
+        )
     return parser
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from bloomray.train.run import resume_config, run_training
+    from bloomray.export.run import run_training
+    from bloomray.train.run import resume_config
 
     overrides = list(args.overrides)
     if args.address:
@@ -203,6 +228,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from bloomray.serving.run import DEFAULT_CONFIG, serve_forever, start_server
 
+    if args.print_config:
+        print(DEFAULT_CONFIG.read_text(), end="")
+        return 0
     models = {}
     for i, item in enumerate(args.model):
         name, sep, path = item.partition("=")
@@ -220,7 +248,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from bloomray.model.export import export_checkpoint
+    from bloomray.export.consolidate import export_checkpoint
 
     info = export_checkpoint(args.checkpoint, args.output, overwrite=args.overwrite)
     print(json.dumps({"model_dir": str(Path(args.output).resolve()), **info}, indent=2))
@@ -244,14 +272,22 @@ def main(argv: list[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (ConfigError, FileNotFoundError) as exc:
+    except KeyboardInterrupt:
+        if args.verbose:
+            traceback.print_exc()
+        print("bloomray: interrupted", file=sys.stderr)
+        return 130
+    except BloomrayError as exc:  # expected: the message says what to fix (see bloomray.errors)
+        if args.verbose:
+            traceback.print_exc()
         print(f"bloomray: error: {exc}", file=sys.stderr)
-        return 2
-    except ValueError as exc:  # DataError, TokenizerError, ... carry their own advice
-        print(f"bloomray: error: {exc}", file=sys.stderr)
-        return 2
-    except (OSError, RuntimeError) as exc:  # ModelLoadError, ExportError, TrainingError
-        print(f"bloomray: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except Exception:  # noqa: BLE001 - a bug: print where it came from, never hide it
+        traceback.print_exc()
+        print(
+            "bloomray: internal error: the traceback above shows where; please report it",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from bloomray.config import load_config
-from bloomray.train.run import run_training
+from bloomray.export.run import run_training
 
 
 def _banner(text: str) -> None:

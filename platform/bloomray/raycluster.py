@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import psutil
 import ray
 
 
@@ -32,6 +33,19 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: 
         ray.init(address=address, **kwargs)
     else:
         ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), **kwargs)
+
+
+def train_worker_processes() -> list[psutil.Process]:
+    """The Ray Train worker processes of the local Ray this process started (its descendants),
+    in psutil's order; for tests and benchmarks that watch or kill them."""
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if " ".join(proc.cmdline()).startswith("ray::RayTrainWorker"):
+                found.append(proc)
+        except psutil.Error:  # a process that just exited, or one we may not inspect
+            pass
+    return found
 
 
 def _has_cuda() -> bool:

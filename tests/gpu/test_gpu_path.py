@@ -162,7 +162,7 @@ def zero_run(request, tmp_path_factory) -> tuple[int, Path, dict[str, Any]]:
     """(stage, output dir, summary) of a finished GPU run; the resume test extends it last."""
     _need_ray_and_deepspeed(request)
     from bloomray.config import load_config
-    from bloomray.train.run import run_training
+    from bloomray.export.run import run_training
 
     stage = request.param
     out = tmp_path_factory.mktemp(f"gpu-zero{stage}") / "run"
@@ -186,8 +186,8 @@ def test_zero_run_finishes_and_trains(zero_run):
 
 
 def test_zero_run_exports_and_export_reproduces_engine_logits(zero_run):
-    from bloomray.model.export import probe_tolerance
-    from bloomray.model.load import load_model
+    from bloomray.export.consolidate import probe_tolerance
+    from bloomray.export.load import load_model
 
     _, out, summary = zero_run
     ckpt = Path(summary["checkpoint"])
@@ -209,7 +209,7 @@ def test_zero_run_exports_and_export_reproduces_engine_logits(zero_run):
 def test_zero_run_flops_per_token_matches_model_shape(zero_run):
     """MFU's FLOPs per token are the model's, under every ZeRO stage (ZeRO-3 partitions the
     parameters the loop counts after ``deepspeed.initialize``)."""
-    from bloomray.model.load import load_model
+    from bloomray.export.load import load_model
     from bloomray.train.metrics import flops_per_token, matmul_params
 
     _, out, summary = zero_run
@@ -223,14 +223,18 @@ def test_zero_run_flops_per_token_matches_model_shape(zero_run):
 
 
 def test_zero_run_resume_continues_from_last_step(zero_run):
-    from bloomray.train.run import resume_config, run_training
+    from bloomray.export.run import run_training
+    from bloomray.train.run import resume_config
 
     _, out, _ = zero_run
     summary = run_training(resume_config(out, [f"train.max_steps={STEPS + 10}"]), out, resume=True)
     assert summary["steps"] == STEPS + 10
     assert summary["restarts"] == [STEPS]  # picked up the last checkpoint, not step 0
     assert summary["model_dir"] == str(out / "model")
-    assert summary["export_max_abs_logit_diff"] is not None
+    from bloomray.export.consolidate import probe_tolerance
+
+    tol = probe_tolerance(Path(summary["checkpoint"]), torch.bfloat16)
+    assert summary["export_max_abs_logit_diff"] <= tol  # the re-export matches the resumed engine
 
 
 # --------------------------------------------------------------------------- pruning
@@ -246,9 +250,9 @@ def _saved_masks(ckpt: Path) -> dict[str, torch.Tensor]:
 def test_prune_hook_under_zero3_reaches_target_sparsity(request, tmp_path):
     _need_ray_and_deepspeed(request)
     from bloomray.config import load_config
-    from bloomray.model.export import consolidated_state_dict
-    from bloomray.model.load import load_model
-    from bloomray.train.run import run_training
+    from bloomray.export.consolidate import consolidated_state_dict
+    from bloomray.export.load import load_model
+    from bloomray.export.run import run_training
 
     out = tmp_path / "prune-zero3"
     cfg = load_config("tiny-cpu", gpu_overrides(["deepspeed.zero_stage=3", *PRUNE_GPU]))

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from bloomray.config import load_config
-from bloomray.model.export import consolidated_state_dict
-from bloomray.model.load import load_model
+from bloomray.export.consolidate import consolidated_state_dict
+from bloomray.export.load import load_model
+from bloomray.export.run import run_training
 from bloomray.train.checkpoint import DS_TAG, load_deepspeed_file
 from bloomray.train.hook_state import HOOKS_META_FILE, HOOKS_TENSORS_FILE, LEGACY_HOOKS_FILE, load_hook_states
-from bloomray.train.run import run_training
 
 pytestmark = pytest.mark.integration
 

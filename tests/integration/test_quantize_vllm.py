@@ -26,10 +26,11 @@ from transformers import BloomConfig
 
 from bloomray.data.corpus import embedded_documents
 from bloomray.data.tokenizer import train_tokenizer
+from bloomray.export.consolidate import _write_model
+from bloomray.export.load import load_model
+from bloomray.export.sparse import SPARSE_KEY
 from bloomray.model.build import build_from_config
-from bloomray.model.export import _write_model
-from bloomray.model.load import SPARSE_KEY, load_model
-from bloomray.prune.compact import SPEC_KEY
+from bloomray.model.compact import SPEC_KEY
 from bloomray.serving.quantize import QUANT_TARGETS, QuantizeError, quantize_w8a8
 
 pytestmark = pytest.mark.integration
@@ -208,7 +209,10 @@ def test_errors(exports, tmp_path):
         quantize_w8a8(exports["fp"], exports["int8"])
     with pytest.raises(QuantizeError, match="already quantized"):
         quantize_w8a8(exports["int8"], tmp_path / "again")
-    assert isinstance(QuantizeError("x"), ValueError)
+    from bloomray.cli import main
+
+    # `bloomray quantize` reports a QuantizeError as a usage error (exit 2), not a crash.
+    assert main(["quantize", "--model", str(exports["int8"]), "--output", str(tmp_path / "again")]) == 2
     assert list(tmp_path.iterdir()) == []  # nothing written by the failed calls
 
 

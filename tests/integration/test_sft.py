@@ -23,8 +23,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bloomray.config import load_config
 from bloomray.data.tokenizer import PLAIN_CHAT_TEMPLATE
+from bloomray.export.run import run_training
 from bloomray.model.build import PRESETS
-from bloomray.train.run import run_training
 
 pytestmark = pytest.mark.integration
 
@@ -169,6 +169,9 @@ def test_the_served_export_answers_through_its_chat_template(sft_run, tmp_path):
     from bloomray.serving.run import start_server
 
     key = "sft-test-key-0123456789"
+    # A Serve left running (another module's apps and proxy) keeps its first HTTP port and
+    # would ignore the free port below: start from none, as test_serve.py's server leaves it.
+    serve.shutdown()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(ENV_FILE, str(write_key_file(tmp_path / "keys", [key])))
         mp.delenv(ENV_KEYS, raising=False)
@@ -204,7 +207,7 @@ def test_the_served_export_answers_through_its_chat_template(sft_run, tmp_path):
 
         responses = asyncio.run(ask_all())
     finally:
-        serve.delete("sft")
+        serve.shutdown()  # the app and Serve's proxy: a later module starts Serve on its own port
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
     choices = [r.json()["choices"][0] for r in responses]
     served = [c["message"]["content"].strip() if c["finish_reason"] == "stop" else None for c in choices]

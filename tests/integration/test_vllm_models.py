@@ -91,7 +91,7 @@ def prune_to_spec(model: torch.nn.Module) -> None:
 
 def write_export(out: Path, tok, structured: bool) -> Path:
     """A bloomray export (dense, or structured-pruned and compacted) with its tokenizer."""
-    from bloomray.model.export import _write_model
+    from bloomray.export.consolidate import _write_model
 
     model = make_model(len(tok))
     if structured:
@@ -113,7 +113,7 @@ def prompts(n: int = N_PROMPTS) -> list[str]:
 @torch.no_grad()
 def reference_tokens(model_dir: Path, ids: list[list[int]]) -> list[list[int]]:
     """Greedy new tokens from bloomray's transformers path, one prompt at a time."""
-    from bloomray.model.load import load_model
+    from bloomray.export.load import load_model
 
     model = load_model(model_dir)
     out = []
@@ -200,8 +200,8 @@ def served(request, vllm_env, exports):
 
 
 def test_compact_export_names_its_own_architecture(exports):
-    from bloomray.model.load import load_model, task_of
-    from bloomray.prune.compact import SPEC_KEY
+    from bloomray.export.load import load_model, task_of
+    from bloomray.model.compact import SPEC_KEY
 
     raw = json.loads((exports["compact"] / "config.json").read_text())
     assert raw["architectures"] == ["BloomrayCompactForCausalLM"]
@@ -209,8 +209,6 @@ def test_compact_export_names_its_own_architecture(exports):
     assert raw[SPEC_KEY]["heads"] == KEPT_HEADS
     assert [len(n) for n in raw[SPEC_KEY]["neurons"]] == [len(n) for n in KEPT_NEURONS]
     assert task_of(raw) == "causal_lm"
-    # AutoTokenizer does not need the model_type: the tokenizer config names its class.
-    assert json.loads((exports["compact"] / "tokenizer_config.json").read_text())["tokenizer_class"]
     dense = json.loads((exports["dense"] / "config.json").read_text())
     assert dense["architectures"] == ["BloomForCausalLM"] and dense["model_type"] == "bloom"
     model = load_model(exports["compact"])
@@ -221,8 +219,8 @@ def test_auto_model_loads_compact_dir_through_bloomray_class(exports):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import bloomray.model  # noqa: F401 - registers model_type bloomray_compact with transformers
+    from bloomray.export.load import load_model
     from bloomray.model.compact_hf import BloomrayCompactConfig, BloomrayCompactForCausalLM
-    from bloomray.model.load import load_model
 
     d = exports["compact"]
     assert type(AutoConfig.from_pretrained(str(d))) is BloomrayCompactConfig
@@ -241,8 +239,8 @@ def test_older_compact_dir_with_model_type_bloom_still_loads(exports, tmp_path):
     """Dirs compacted before model_type bloomray_compact: model_type bloom, BloomForCausalLM + spec."""
     import shutil
 
+    from bloomray.export.load import load_model, task_of
     from bloomray.model.compact_hf import BloomrayCompactForCausalLM
-    from bloomray.model.load import load_model, task_of
 
     old = tmp_path / "old"
     shutil.copytree(exports["compact"], old)

@@ -20,7 +20,7 @@ VERB_OPTIONS = {
     "export": ["--checkpoint", "--output", "--overwrite"],
     "demo": ["--output", "--set", "--trials"],
     "tune": ["--config", "--output", "--set", "--resume", "--address"],
-    "serve": ["--model", "--config", "--port", "--host", "--address"],
+    "serve": ["--model", "--config", "--print-config", "--port", "--host", "--address"],
     "quantize": ["--model", "--output"],
 }
 
@@ -111,6 +111,26 @@ def test_missing_config_exits_2_naming_presets(tmp_path: Path, capsys):
     assert "tiny-cpu" in err
 
 
+def test_run_verbs_help_names_the_presets(capsys, monkeypatch):
+    from bloomray.config import preset_names
+
+    monkeypatch.setenv("COLUMNS", "1000")  # no wrapping (argparse breaks lines at hyphens)
+    code, out, _ = run_main(["pretrain", "--help"], capsys)
+    assert code == 0
+    assert ", ".join(preset_names()) in out and "jobs/configs" not in out
+
+
+def test_serve_print_config_writes_the_shipped_serve_config(capsys):
+    import yaml
+
+    from bloomray.serving.run import DEFAULT_CONFIG
+
+    code, out, _ = run_main(["serve", "--print-config"], capsys)
+    assert code == 0
+    assert out == DEFAULT_CONFIG.read_text()
+    assert yaml.safe_load(out)["applications"][0]["import_path"] == "bloomray.serving.app:build_app"
+
+
 def test_pretrain_refuses_a_classification_config(capsys):
     code, _, err = run_main(["pretrain", "--config", "classify-tiny-cpu"], capsys)
     assert code == 2
@@ -157,7 +177,7 @@ def test_export_onto_existing_output_exits_1(tmp_path: Path, capsys):
 
 
 def test_train_verbs_pass_config_output_and_overrides(tmp_path: Path, capsys, monkeypatch):
-    import bloomray.train.run as run
+    import bloomray.export.run as run
 
     calls = []
 
@@ -194,7 +214,7 @@ def test_train_verbs_pass_config_output_and_overrides(tmp_path: Path, capsys, mo
 
 
 def test_resume_uses_the_saved_config(tmp_path: Path, capsys, monkeypatch):
-    import bloomray.train.run as run
+    import bloomray.export.run as run
     from bloomray.config import dump_config, load_config
 
     run_dir = tmp_path / "run"
@@ -223,3 +243,85 @@ def test_demo_passes_output_and_overrides(tmp_path: Path, capsys, monkeypatch):
     code, _, _ = run_main(argv, capsys)
     assert code == 0
     assert calls == [(tmp_path / "d", ["train.max_steps=2"], 2)]
+
+
+# ---------------------------------------------------------------- errors: one line or a traceback
+
+
+# (module, class, exit code, the builtin base that old `except` clauses still catch)
+ERROR_KINDS = [
+    ("bloomray.config", "ConfigError", 2, ValueError),
+    ("bloomray.data.corpus", "DataError", 2, ValueError),
+    ("bloomray.train.batches", "DataTooSmallError", 2, ValueError),
+    ("bloomray.data.tokenizer", "TokenizerError", 2, ValueError),
+    ("bloomray.model.build", "ModelLoadError", 2, OSError),
+    ("bloomray.train.checkpoint", "CorruptCheckpointError", 2, ValueError),
+    ("bloomray.serving.quantize", "QuantizeError", 2, ValueError),
+    ("bloomray.train.run", "TrainingError", 1, RuntimeError),
+    ("bloomray.export.consolidate", "ExportError", 1, RuntimeError),
+]
+
+
+def _demo_raises(monkeypatch, exc: BaseException) -> None:
+    import bloomray.demo as demo
+
+    def boom(output, overrides, trials):
+        raise exc
+
+    monkeypatch.setattr(demo, "run_demo", boom)
+
+
+@pytest.mark.parametrize(
+    ("module", "name", "exit_code", "builtin"), ERROR_KINDS, ids=[k[1] for k in ERROR_KINDS]
+)
+def test_a_bloomray_error_is_one_line_with_its_exit_code(
+    module: str, name: str, exit_code: int, builtin: type, capsys, monkeypatch
+):
+    import importlib
+
+    from bloomray.errors import BloomrayError
+
+    cls = getattr(importlib.import_module(module), name)
+    assert issubclass(cls, BloomrayError) and issubclass(cls, builtin)  # old `except` still works
+    assert cls.exit_code == exit_code
+    assert f"Exit code {exit_code}" in (cls.__doc__ or "")  # each kind documents its code
+    _demo_raises(monkeypatch, cls("data.path=x.csv has no text column; set data.text_column"))
+    code, out, err = run_main(["demo"], capsys)
+    assert code == exit_code
+    assert err == "bloomray: error: data.path=x.csv has no text column; set data.text_column\n"
+    assert "Traceback" not in out + err
+
+
+@pytest.mark.parametrize("exc", [ZeroDivisionError("division by zero"), ValueError("a plain bug")])
+def test_an_unexpected_error_prints_its_traceback_and_exits_1(exc: Exception, capsys, monkeypatch):
+    _demo_raises(monkeypatch, exc)
+    code, _, err = run_main(["demo"], capsys)
+    assert code == 1
+    assert "Traceback (most recent call last)" in err
+    assert f"{type(exc).__name__}: {exc}" in err
+    assert "in boom" in err  # the frame that raised it
+    assert err.rstrip().splitlines()[-1].startswith("bloomray: internal error")
+
+
+@pytest.mark.parametrize("argv", [["-v", "demo"], ["demo", "-v"], ["demo", "--verbose"]])
+def test_verbose_adds_the_traceback_of_a_bloomray_error(argv: list[str], capsys, monkeypatch):
+    from bloomray.config import ConfigError
+
+    _demo_raises(monkeypatch, ConfigError("train.lr must be > 0"))
+    code, _, err = run_main(argv, capsys)
+    assert code == 2
+    assert "Traceback (most recent call last)" in err and "ConfigError: train.lr must be > 0" in err
+    assert err.rstrip().splitlines()[-1] == "bloomray: error: train.lr must be > 0"
+
+
+def test_keyboard_interrupt_exits_130(capsys, monkeypatch):
+    _demo_raises(monkeypatch, KeyboardInterrupt())
+    code, _, err = run_main(["demo"], capsys)
+    assert code == 130
+    assert "interrupted" in err and "Traceback" not in err
+
+
+def test_a_bloomray_error_hint_follows_the_message():
+    from bloomray.config import ConfigError
+
+    assert str(ConfigError("bad train.lr", hint="try 3e-4")) == "bad train.lr (try 3e-4)"

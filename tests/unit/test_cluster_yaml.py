@@ -4,6 +4,8 @@ from pathlib import Path
 
 import yaml
 
+from bloomray.config import resolve_preset
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -14,7 +16,10 @@ def test_cluster_yaml_parses_and_has_gpu_workers_and_setup():
     types = cfg["available_node_types"]
     assert cfg["head_node_type"] in types
     gpu = [t for t in types.values() if t.get("resources", {}).get("GPU", 0) > 0]
-    assert gpu and gpu[0]["max_workers"] >= gpu[0]["min_workers"] >= 0
+    # At least one GPU worker can be launched, within the cluster-wide cap.
+    assert gpu and gpu[0]["min_workers"] <= gpu[0]["max_workers"] and 1 <= gpu[0]["max_workers"]
+    assert gpu[0]["max_workers"] <= cfg["max_workers"]
+    assert types[cfg["head_node_type"]]["resources"]["CPU"] == 0  # no training scheduled on the head
     setup = "\n".join(cfg["setup_commands"])
     # torch is installed explicitly before bloomray, then bloomray itself.
     assert setup.index("torch==") < setup.index("-e ~/bloomray")
@@ -24,6 +29,6 @@ def test_cluster_yaml_parses_and_has_gpu_workers_and_setup():
 
 def test_gpu_presets_point_checkpoints_at_shared_storage():
     for name in ("bloom-560m-zero2", "bloom-1b7-zero2", "bloom-7b1-zero3"):
-        cfg = yaml.safe_load((ROOT / "jobs" / "configs" / f"{name}.yaml").read_text())
+        cfg = yaml.safe_load(resolve_preset(name).read_text())
         assert cfg["output"]["storage_path"].startswith("/mnt/shared"), name
         assert cfg["scaling"]["use_gpu"] is True

@@ -8,51 +8,53 @@ import pytest
 import yaml
 
 from bloomray.config import (
-    PRESET_DIR,
     Config,
     ConfigError,
     apply_override,
     config_from_dict,
     dump_config,
     load_config,
+    preset_names,
     resolve_preset,
 )
 
-PRESETS = sorted(PRESET_DIR.glob("*.yaml"))
+PRESETS = preset_names()
 # Smallest valid settings: everything else keeps its default.
 BASE = ["train.max_steps=5"]
 
 
 def test_preset_dir_has_the_documented_presets():
-    names = {p.stem for p in PRESETS}
-    assert {"tiny-cpu", "classify-tiny-cpu", "bloom-560m-zero2"} <= names
+    assert {"tiny-cpu", "classify-tiny-cpu", "bloom-560m-zero2"} <= set(PRESETS)
 
 
-@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
-def test_every_preset_loads_and_validates(preset: Path):
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_loads_and_validates(preset: str):
     cfg = load_config(preset)
     assert isinstance(cfg, Config)
     t, s = cfg.train, cfg.scaling
     # The combination checks ran: the batch arithmetic works out exactly.
     assert cfg.grad_accum_steps * t.micro_batch_size * s.num_workers == t.global_batch_size
     assert t.max_steps is not None or t.epochs is not None
-    # A preset's header comment shows how to launch it (a command line).
-    header = preset.read_text().splitlines()[0]
-    assert header.startswith("#")
+    # A preset's header comment shows how to launch it (a command line, by preset name).
+    text = resolve_preset(preset).read_text()
+    assert text.splitlines()[0].startswith("#")
+    assert "jobs/configs" not in text
 
 
-@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
-def test_preset_loads_by_name_as_by_path(preset: Path):
-    assert load_config(preset.stem) == load_config(preset)
-    assert load_config(f"{preset.stem}.yaml") == load_config(preset)
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_loads_by_name_as_by_path(preset: str):
+    path = resolve_preset(preset)
+    assert load_config(preset) == load_config(path)
+    assert load_config(f"{preset}.yaml") == load_config(path)
+    # The pre-package path users may still type resolves to the packaged preset by its name.
+    assert load_config(f"jobs/configs/{preset}.yaml") == load_config(path)
 
 
 def test_cpu_presets_run_on_cpu():
-    for name in ("tiny-cpu", "classify-tiny-cpu"):
+    for name, model in (("tiny-cpu", "small"), ("classify-tiny-cpu", "tiny")):
         cfg = load_config(name)
         assert cfg.scaling.use_gpu is False
-        assert cfg.deepspeed.precision in ("bf16", "fp32")
-        assert cfg.model.preset in ("tiny", "small")
+        assert (cfg.deepspeed.precision, cfg.model.preset) == ("bf16", model)  # bf16 runs on CPU
     assert load_config("classify-tiny-cpu").task == "classification"
     assert load_config("tiny-cpu").task == "causal_lm"
 
@@ -266,8 +268,8 @@ def test_missing_config_file_names_the_presets(tmp_path: Path):
     msg = str(exc.value)
     assert "config file not found" in msg
     assert "nope.yaml" in msg
-    for p in PRESETS:
-        assert p.stem in msg
+    for name in PRESETS:
+        assert name in msg
 
 
 def test_bad_yaml_names_the_file(tmp_path: Path):
@@ -296,18 +298,20 @@ def test_local_file_wins_over_preset_name(tmp_path: Path):
     own.write_text("train:\n  max_steps: 3\n")
     assert resolve_preset(own) == own
     assert load_config(own).train.max_steps == 3
-    assert resolve_preset("tiny-cpu") == PRESET_DIR / "tiny-cpu.yaml"
+    packaged = resolve_preset("tiny-cpu")
+    assert packaged.name == "tiny-cpu.yaml" and packaged != own
 
 
 def test_dump_then_load_round_trips(tmp_path: Path):
     cfg = load_config("classify-tiny-cpu", ["data.labels=[neg, pos]", "train.lr=3e-4"])
     out = tmp_path / "config.yaml"
     dump_config(cfg, out)
-    assert isinstance(yaml.safe_load(out.read_text()), dict)
+    assert yaml.safe_load(out.read_text()) == cfg.model_dump(mode="json")  # the whole resolved config
     assert load_config(out) == cfg
 
 
 def test_assignment_is_validated():
     cfg = load_config(None, BASE)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="micro_batch_size"):
         cfg.train.micro_batch_size = 0
+    assert cfg.train.micro_batch_size == load_config(None, BASE).train.micro_batch_size  # left unchanged

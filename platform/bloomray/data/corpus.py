@@ -16,12 +16,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bloomray.errors import EXIT_USAGE, BloomrayError
+
 SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".tsv", ".parquet")
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-class DataError(ValueError):
-    """A data problem, with the file/row and the fix in the message."""
+class DataError(BloomrayError, ValueError):
+    """A data problem, with the file/row and the fix in the message.
+
+    Exit code 2: the data path, its format, columns or rows are wrong.
+    """
+
+    exit_code = EXIT_USAGE
 
 
 @dataclass

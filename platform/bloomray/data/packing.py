@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
+from bloomray.data.corpus import DataError
+
 
 def tokenize_documents(
     tokenizer: PreTrainedTokenizerBase, docs: list[str], batch: int = 1000
@@ -22,12 +24,12 @@ def pack_blocks(token_lists: list[list[int]], block_size: int) -> np.ndarray:
     """Concatenate token lists and cut them into ``[n, block_size]`` blocks (tail dropped).
 
     Raises:
-        ValueError: fewer tokens than one block.
+        DataError: fewer tokens than one block.
     """
     flat = np.fromiter((t for ids in token_lists for t in ids), dtype=np.int32)
     n = len(flat) // block_size
     if n == 0:
-        raise ValueError(
+        raise DataError(
             f"the corpus has {len(flat)} tokens, fewer than one block of data.block_size="
             f"{block_size}; add text or lower data.block_size"
         )
@@ -40,7 +42,7 @@ def split_indices(n: int, eval_fraction: float, seed: int) -> tuple[np.ndarray, 
     At least one item goes to each side when ``n >= 2``.
     """
     if n < 2:
-        raise ValueError(f"need at least 2 examples to split train/eval, got {n}")
+        raise DataError(f"need at least 2 examples to split train/eval, got {n}; add data")
     perm = np.random.default_rng(seed).permutation(n)
     n_eval = min(max(1, round(n * eval_fraction)), n - 1)
     return np.sort(perm[n_eval:]), np.sort(perm[:n_eval])

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from bloomray.errors import EXIT_USAGE, BloomrayError
+
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 
 
@@ -34,8 +36,13 @@ def ensure_chat_template(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBas
     return tok
 
 
-class TokenizerError(ValueError):
-    """The tokenizer could not be loaded; the message says what to pass instead."""
+class TokenizerError(BloomrayError, ValueError):
+    """The tokenizer could not be loaded; the message says what to pass instead.
+
+    Exit code 2: the tokenizer dir or hub name given is wrong or unreachable.
+    """
+
+    exit_code = EXIT_USAGE
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:

@@ -1,4 +1,4 @@
-"""Model building, loading and export.
+"""Model building: presets, pretrained loading, LoRA, the compacted BLOOM (``compact.py``, ``compact_hf.py``) and its vLLM twin.
 
 Importing this package registers compacted causal-LM exports (``model_type``
 ``bloomray_compact``) with transformers' AutoConfig and AutoModelForCausalLM.

@@ -14,6 +14,9 @@ from transformers import (
     PreTrainedModel,
 )
 
+from bloomray.config import ConfigError
+from bloomray.errors import EXIT_USAGE, BloomrayError
+
 # Real BLOOM shapes (bigscience model cards) plus tiny ones for CPU runs and tests.
 PRESETS: dict[str, dict[str, int]] = {
     "tiny": {"hidden_size": 64, "n_layer": 2, "n_head": 4},
@@ -24,14 +27,19 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 
 
-class ModelLoadError(OSError):
-    """A model could not be loaded; the message says what to pass instead."""
+class ModelLoadError(BloomrayError, OSError):
+    """A model could not be loaded; the message says what to pass instead.
+
+    Exit code 2: ``model.path`` (or a model dir passed on the command line) is wrong.
+    """
+
+    exit_code = EXIT_USAGE
 
 
 def preset_config(preset: str, vocab_size: int, **extra: Any) -> BloomConfig:
     """A BloomConfig of a preset shape with the tokenizer's vocabulary and special ids."""
     if preset not in PRESETS:
-        raise ValueError(f"unknown model preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown model.preset {preset!r}; choose one of {', '.join(PRESETS)}")
     return BloomConfig(vocab_size=vocab_size, **PRESETS[preset], **extra)
 
 

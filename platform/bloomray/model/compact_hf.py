@@ -14,7 +14,7 @@ Compacted causal-LM exports therefore carry
 ``import bloomray.model`` registers both with transformers' Auto classes, so afterwards
 ``AutoConfig`` / ``AutoModelForCausalLM.from_pretrained(dir)`` load such a dir. Compacted
 classifiers keep ``model_type: "bloom"`` plus the spec (only transformers serves them, through
-:func:`bloomray.model.load.load_model`).
+:func:`bloomray.export.load.load_model`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, AutoModelForCausalLM, BloomConfig, BloomForCausalLM
 
-from bloomray.prune.compact import SPEC_KEY, CompactBloomAttention, reshape_model
+from bloomray.model.compact import SPEC_KEY, CompactBloomAttention, reshape_model
 
 COMPACT_MODEL_TYPE = "bloomray_compact"
 COMPACT_ARCHITECTURE = "BloomrayCompactForCausalLM"
@@ -35,7 +35,7 @@ COMPACT_ARCHITECTURE = "BloomrayCompactForCausalLM"
 class BloomrayCompactConfig(BloomConfig):
     """BloomConfig of a compacted causal LM: ``n_head`` and ``hidden_size`` stay the original
     (they fix the head size and every head's ALiBi slope); ``bloomray_compact`` holds the kept
-    heads and MLP neurons of each layer (see ``bloomray.prune.compact``)."""
+    heads and MLP neurons of each layer (see ``bloomray.model.compact``)."""
 
     model_type = COMPACT_MODEL_TYPE
     bloomray_compact: dict | None = None

@@ -46,7 +46,7 @@ from vllm.model_executor.models.interfaces import SupportsQuant
 from vllm.model_executor.models.utils import maybe_prefix
 from vllm.sequence import IntermediateTensors
 
-from bloomray.prune.compact import SPEC_KEY
+from bloomray.model.compact import SPEC_KEY
 
 _LAYER = re.compile(r"^transformer\.h\.(\d+)\.")
 # BLOOM's GELU is the tanh approximation (transformers' bloom_gelu_forward, Megatron's bias_gelu);

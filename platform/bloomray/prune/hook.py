@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from bloomray.config import PRUNABLE_MODULES, ConfigError
 from bloomray.prune.apply import MaskApplier
 from bloomray.prune.masks import (
     layer_of,
@@ -32,7 +33,10 @@ class PruneHook:
         self.applier = MaskApplier(engine, model)
         self.names = target_names(model, self.p.targets)
         if not self.names:
-            raise ValueError(f"prune.targets={self.p.targets} matches no weight in the model's blocks")
+            raise ConfigError(
+                f"prune.targets={self.p.targets} matches no weight in the model's blocks; "
+                f"choose from {list(PRUNABLE_MODULES)}"
+            )
         self.n_head = model.config.n_head
         self.masks: dict[str, torch.Tensor] = {}
         self.taylor: dict[str, torch.Tensor] = {}

@@ -10,8 +10,10 @@ from __future__ import annotations
 import hmac
 import os
 import secrets
-import tempfile
 from pathlib import Path
+
+from bloomray.config import ConfigError
+from bloomray.files import atomic_write_text
 
 ENV_KEYS = "BLOOMRAY_API_KEYS"
 ENV_FILE = "BLOOMRAY_API_KEYS_FILE"
@@ -19,13 +21,17 @@ DEFAULT_KEY_FILE = Path.home() / ".bloomray" / "api_keys"
 
 
 def load_keys() -> list[str]:
-    """Configured keys (may be empty: the server then refuses to start)."""
+    """Configured keys (may be empty: the server then refuses to start).
+
+    Raises:
+        ConfigError: ``BLOOMRAY_API_KEYS_FILE`` names a file that does not exist.
+    """
     keys = [k.strip() for k in os.environ.get(ENV_KEYS, "").split(",") if k.strip()]
     path = os.environ.get(ENV_FILE)
     if path:
         p = Path(path).expanduser()
         if not p.exists():
-            raise FileNotFoundError(f"{ENV_FILE}={path} does not exist; create it with one API key per line")
+            raise ConfigError(f"{ENV_FILE}={path} does not exist; create it with one API key per line")
         for line in p.read_text().splitlines():
             line = line.strip()
             if line and not line.startswith("#"):
@@ -53,15 +59,7 @@ def check_key(header: str | None, keys: list[str]) -> bool:
 def write_key_file(path: Path, keys: list[str]) -> Path:
     """Write ``keys`` to ``path`` atomically with mode 0600 (never readable by others, even briefly)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mkstemp creates 0600
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write("".join(k + "\n" for k in keys))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(path, "".join(k + "\n" for k in keys), mode=0o600)
 
 
 def ensure_key_file(path: Path = DEFAULT_KEY_FILE) -> Path:

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ from ray import serve
 from safetensors import safe_open
 
 from bloomray.config import ConfigError
+from bloomray.files import atomic_dir
 from bloomray.serving.options import ServeOptions
 
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)  # vLLM's CPU attention kernels
@@ -40,7 +39,8 @@ def inspect_model_dir(name: str, path: str) -> dict[str, Any]:
     Raises:
         ConfigError: not a model dir, no tokenizer, or an unreadable config (names the fix).
     """
-    from bloomray.model.load import SPARSE_KEY, task_of
+    from bloomray.export.load import task_of
+    from bloomray.export.sparse import SPARSE_KEY
 
     local = Path(path).expanduser()
     cfg_path = local / "config.json"
@@ -80,7 +80,8 @@ def dense_copy(path: str) -> str:
     """A dense HF dir of a sparse-packed export, written once (atomically) inside the export."""
     from transformers import AutoTokenizer
 
-    from bloomray.model.load import SPARSE_KEY, load_model
+    from bloomray.export.load import load_model
+    from bloomray.export.sparse import SPARSE_KEY
 
     src = Path(path)
     out = src / DENSE_DIR
@@ -89,14 +90,9 @@ def dense_copy(path: str) -> str:
     model = load_model(src)
     if hasattr(model.config, SPARSE_KEY):
         delattr(model.config, SPARSE_KEY)  # the copy is a plain dense dir
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DENSE_DIR}.tmp-", dir=src))
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         AutoTokenizer.from_pretrained(str(src)).save_pretrained(str(tmp))
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return str(out)
 
 
@@ -174,7 +170,7 @@ class ClassifierServer:
         import torch
         from transformers import AutoTokenizer
 
-        from bloomray.model.load import load_model
+        from bloomray.export.load import load_model
 
         self.name, self.max_length = name, max_length
         self.model = load_model(path).requires_grad_(False)

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from bloomray.config import ConfigError
 from bloomray.serving.auth import check_key, load_keys
 from bloomray.serving.http import UNAVAILABLE, api, unavailable
 from bloomray.serving.metrics import ServeMetrics
@@ -49,7 +50,7 @@ class BloomIngress:
     ) -> None:
         self.keys = load_keys()
         if not self.keys:
-            raise RuntimeError("no API keys: set BLOOMRAY_API_KEYS_FILE (see README)")
+            raise ConfigError("no API keys: set BLOOMRAY_API_KEYS_FILE (see README)")
         self.engines = {n: h.options(stream=True) for n, h in engines.items()}
         self.classifiers = classifiers
         self.models = models

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,9 +30,12 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from bloomray.errors import EXIT_USAGE, BloomrayError
+from bloomray.export.load import load_model
+from bloomray.export.sparse import SPARSE_KEY
+from bloomray.files import atomic_dir
+from bloomray.model.compact import SPEC_KEY
 from bloomray.model.compact_hf import COMPACT_MODEL_TYPE
-from bloomray.model.load import SPARSE_KEY, load_model
-from bloomray.prune.compact import SPEC_KEY
 
 QUANT_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 INT8_MAX = 127
@@ -53,8 +55,13 @@ TOKENIZER_FILES = (
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class QuantizeError(ValueError):
-    """The model cannot be quantized as asked; the message says what to do instead."""
+class QuantizeError(BloomrayError, ValueError):
+    """The model cannot be quantized as asked; the message says what to do instead.
+
+    Exit code 2: the model dir is not an unquantized BLOOM export, or the output exists.
+    """
+
+    exit_code = EXIT_USAGE
 
 
 def w8a8_int8_config(ignore: list[str]) -> dict[str, Any]:
@@ -188,7 +195,7 @@ def quantize_w8a8(src_dir: str | Path, out_dir: str | Path) -> Path:
     """Write a W8A8 int8 (compressed-tensors) copy of the BLOOM export ``src_dir`` to ``out_dir``.
 
     Reads any export bloomray writes (plain, compacted, sparse-packed) through
-    :func:`bloomray.model.load.load_model`; writes dense int8 weights. Compacted exports keep
+    :func:`bloomray.export.load.load_model`; writes dense int8 weights. Compacted exports keep
     their ``model_type``, ``architectures`` and ``bloomray_compact`` spec, so bloomray's vLLM
     plugin serves them (its loader splits ``weight_scale`` per q/k/v shard like the weights);
     a sparse export's ``bloomray_sparse`` key is dropped (the copy is dense). The copy is
@@ -224,27 +231,23 @@ def quantize_w8a8(src_dir: str | Path, out_dir: str | Path) -> Path:
     config = {k: v for k, v in raw.items() if k != SPARSE_KEY}
     config["quantization_config"] = w8a8_int8_config(ignore)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the export is a normal dir
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        for name in TOKENIZER_FILES:
-            if (src / name).is_file():
-                shutil.copy2(src / name, tmp / name)
-        facts = {
-            "quantized_layers": len(quantized),
-            "dtype": str(dtype).removeprefix("torch."),
-            "max_abs_error": max_err,
-            "source_bytes": sum(p.stat().st_size for p in src.glob("*.safetensors")),
-            "bytes": (tmp / WEIGHTS_FILE).stat().st_size,
-        }
-        (tmp / "README.md").write_text(_card(src, out, raw, facts))
-        if out.exists():
-            raise QuantizeError(f"{out} was created while quantizing; remove it or choose another output dir")
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_dir(out, replace=False) as tmp:
+            save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            for name in TOKENIZER_FILES:
+                if (src / name).is_file():
+                    shutil.copy2(src / name, tmp / name)
+            facts = {
+                "quantized_layers": len(quantized),
+                "dtype": str(dtype).removeprefix("torch."),
+                "max_abs_error": max_err,
+                "source_bytes": sum(p.stat().st_size for p in src.glob("*.safetensors")),
+                "bytes": (tmp / WEIGHTS_FILE).stat().st_size,
+            }
+            (tmp / "README.md").write_text(_card(src, out, raw, facts))
+    except FileExistsError as exc:
+        raise QuantizeError(
+            f"{out} was created while quantizing; remove it or choose another output dir"
+        ) from exc
     return out

@@ -6,20 +6,31 @@ import hashlib
 import os
 import signal
 import threading
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from bloomray.config import ConfigError
-from bloomray.serving.auth import DEFAULT_KEY_FILE, ENV_FILE, ENV_KEYS, ensure_key_file, write_key_file
+from bloomray.serving.auth import (
+    DEFAULT_KEY_FILE,
+    ENV_FILE,
+    ENV_KEYS,
+    ensure_key_file,
+    load_keys,
+    write_key_file,
+)
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "serve" / "config.yaml"
+# The shipped Serve config, package data (bloomray/serving/config.yaml); `serve deploy` needs
+# a file: `bloomray serve --print-config > serve.yaml` (in a checkout, serve/config.yaml links here).
+DEFAULT_CONFIG: Traversable = files("bloomray.serving") / "config.yaml"
 
 
-def read_serve_config(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def read_serve_config(path: str | os.PathLike[str] | Traversable) -> tuple[dict[str, Any], dict[str, Any]]:
     """(http_options, app args) of the first application in a Serve config."""
-    p = Path(path)
+    p = Path(path) if isinstance(path, str | os.PathLike) else path
     if not p.is_file():
         raise ConfigError(f"serve config not found: {path} (default: {DEFAULT_CONFIG})")
     cfg = yaml.safe_load(p.read_text()) or {}
@@ -34,8 +45,12 @@ def key_file() -> str:
 
     ``BLOOMRAY_API_KEYS_FILE`` is used as is; keys in ``BLOOMRAY_API_KEYS`` are written to a
     private (0600) file; with neither, ``~/.bloomray/api_keys`` is created with a random key.
+
+    Raises:
+        ConfigError: ``BLOOMRAY_API_KEYS_FILE`` names a file that does not exist.
     """
     if os.environ.get(ENV_FILE):
+        load_keys()  # a missing file is a ConfigError here, before any replica fails on it
         return os.environ[ENV_FILE]
     keys = [k.strip() for k in os.environ.get(ENV_KEYS, "").split(",") if k.strip()]
     if keys:
@@ -48,7 +63,7 @@ def key_file() -> str:
 
 def start_server(
     models: dict[str, str] | None,
-    config: str | Path = DEFAULT_CONFIG,
+    config: str | os.PathLike[str] | Traversable = DEFAULT_CONFIG,
     port: int | None = None,
     address: str | None = None,
     overrides: dict[str, Any] | None = None,

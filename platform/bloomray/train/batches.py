@@ -12,9 +12,16 @@ import math
 import numpy as np
 import torch
 
+from bloomray.errors import EXIT_USAGE, BloomrayError
 
-class DataTooSmallError(ValueError):
-    """Fewer examples than one step needs."""
+
+class DataTooSmallError(BloomrayError, ValueError):
+    """Fewer examples than one step needs.
+
+    Exit code 2: the data (or its split over workers and micro-batches) is too small.
+    """
+
+    exit_code = EXIT_USAGE
 
 
 def micro_batches_per_epoch(n_examples: int, num_workers: int, micro_batch_size: int) -> int:

@@ -19,6 +19,8 @@ import pyarrow.fs as pafs
 import ray.train
 import torch
 
+from bloomray.errors import EXIT_USAGE, BloomrayError
+
 DS_TAG = "ds"
 META_FILE = "bloomray.json"
 PROBE_FILE = "probe.pt"
@@ -26,8 +28,13 @@ TOKENIZER_DIR = "tokenizer"
 CHECKPOINT_PREFIX = "checkpoint_"
 
 
-class CorruptCheckpointError(ValueError):
-    """A checkpoint directory is incomplete or damaged; the message says which file and how."""
+class CorruptCheckpointError(BloomrayError, ValueError):
+    """A checkpoint directory is incomplete or damaged; the message says which file and how.
+
+    Exit code 2: the checkpoint path given is not a (complete) bloomray checkpoint.
+    """
+
+    exit_code = EXIT_USAGE
 
 
 def checkpoint_dir_name(step: int, attempt_tag: str) -> str:
@@ -44,7 +51,8 @@ def save_and_report(
     tokenizer_files: dict[str, bytes] | None,
     probe: dict[str, torch.Tensor] | None = None,
     hook_states: list[dict[str, Any]] | None = None,
-    name: str | None = None,
+    *,
+    name: str,
     local_root: str | None = None,
 ) -> None:
     """Save this rank's shard and report it; every rank must call this at the same steps.
@@ -52,13 +60,13 @@ def save_and_report(
     Args:
         meta, tokenizer_files, probe, hook_states: written by rank 0 only (None elsewhere).
         name: the checkpoint's directory name (the same on every rank; see
-            :func:`checkpoint_dir_name`); None lets Ray name it.
+            :func:`checkpoint_dir_name`).
         local_root: the run's checkpoint directory when it is on a filesystem every rank
             mounts (local disk, NFS): each rank then writes its files straight into
             ``local_root/name`` and Ray registers them in place. Otherwise (cloud storage)
             they go to a temp dir that Ray uploads: twice the writes, and the temp space.
     """
-    if local_root and name:
+    if local_root:
         d = Path(local_root) / name
         d.mkdir(parents=True, exist_ok=True)
         write_checkpoint(engine, d, step, metrics, meta, tokenizer_files, probe, hook_states)
@@ -127,10 +135,15 @@ def load_deepspeed_file(path: Path) -> Any:
 
 
 def read_meta(checkpoint_dir: str | Path) -> dict[str, Any]:
-    """``bloomray.json`` of a checkpoint dir; FileNotFoundError names what is expected."""
+    """``bloomray.json`` of a checkpoint dir.
+
+    Raises:
+        CorruptCheckpointError: ``checkpoint_dir`` has no ``bloomray.json`` (it is not a
+            bloomray checkpoint); the message names what to pass instead.
+    """
     path = Path(checkpoint_dir) / META_FILE
     if not path.exists():
-        raise FileNotFoundError(
+        raise CorruptCheckpointError(
             f"{checkpoint_dir} is not a bloomray checkpoint (no {META_FILE}); pass a "
             "OUTPUT/checkpoints/checkpoint_* directory"
         )

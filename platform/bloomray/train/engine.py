@@ -93,7 +93,7 @@ def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimize
     optimizer runs on the CPU, i.e. on CPU workers and under ZeRO-Offload, and torch's AdamW on
     GPU. On CPU it steps 4-6x faster than any of torch's AdamW implementations (for-loop,
     foreach, fused: 80 vs 335-450 ms for 124M params on 2 threads, benchmarks/optimizer_step.py)
-    with the same update (tested against torch's), and it works at every ZeRO stage (0: one
+    with the same AdamW update, and it works at every ZeRO stage (0: one
     fp32 master per parameter; 1-3: flat fp32 partitions) and with LoRA. Its C++ op is
     JIT-built on first use (a few minutes, once per machine: cached under
     ~/.cache/torch_extensions, loaded from there in seconds); where it cannot be built (no C++

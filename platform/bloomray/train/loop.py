@@ -8,21 +8,21 @@ from __future__ import annotations
 
 import secrets
 import time
-from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import ray
 import ray.train
 import ray.train.torch
 import torch
 
-from bloomray.config import config_from_dict
 from bloomray.model.build import count_parameters
 from bloomray.train.batches import ShardedBatches, eval_batches
 from bloomray.train.checkpoint import checkpoint_dir_name, save_and_report
 from bloomray.train.collectives import all_reduce_sum, barrier
+from bloomray.train.contract import WorkerPlan, from_loop_config
 from bloomray.train.engine import build_engine, compute_dtype
+from bloomray.train.evaluation import evaluate, forward_outputs, probe_logits
+from bloomray.train.gauges import export_step
 from bloomray.train.metrics import (
     MetricSinks,
     flops_per_token,
@@ -30,7 +30,6 @@ from bloomray.train.metrics import (
     matmul_params,
     peak_flops,
     peak_memory_mb,
-    perplexity,
 )
 from bloomray.train.restore import restore_latest
 
@@ -58,16 +57,16 @@ def build_hooks(cfg: Any, engine: Any, model: torch.nn.Module, total_steps: int)
     return [PruneHook(cfg, engine, model, total_steps)]
 
 
-def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
-    """Ray Train entry point. ``loop_cfg`` comes from ``run.build_loop_config``."""
-    cfg = config_from_dict(loop_cfg["config"])
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry point: ``loop_config`` wraps the driver's :class:`~bloomray.train.contract.WorkerPlan`."""
+    plan = from_loop_config(loop_config)
+    cfg = plan.config
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    data = ray.get(loop_cfg["data"])
-    total = loop_cfg["total_steps"]
+    total = plan.total_steps
 
-    engine, model = build_engine(cfg, loop_cfg["model_config"], total, loop_cfg["lr_segments"])
+    engine, model = build_engine(cfg, plan.model_config, total, plan.lr_segments)
     hooks = build_hooks(cfg, engine, model, total)
     t_restore = time.perf_counter()
     restored = restore_latest(engine, device=device)
@@ -75,17 +74,18 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     restore_s = time.perf_counter() - t_restore
     for hook, state in zip(hooks, restored.hook_states, strict=False):
         hook.load_state_dict(state)
-    batches = ShardedBatches(data["train"], rank, world, cfg.train.micro_batch_size, cfg.train.seed)
-    evals = eval_batches(data["eval"], rank, world, cfg.train.micro_batch_size, cfg.train.eval_max_batches)
-    flops_tok, peak = _flop_budget(cfg, engine, model, loop_cfg, device)
-    sinks = _sinks(cfg, loop_cfg, rank, step)
+    mb = cfg.train.micro_batch_size
+    batches = ShardedBatches(ray.get(plan.train_data), rank, world, mb, cfg.train.seed)
+    evals = eval_batches(ray.get(plan.eval_data), rank, world, mb, cfg.train.eval_max_batches)
+    flops_tok, peak = _flop_budget(cfg, engine, model, plan.model_config, device)
+    sinks = _sinks(plan, rank, step)
     is_rank0 = rank == 0
     tag = _attempt_tag(is_rank0, device)
     # This attempt's restore time and its earlier saves' times (a save's own time is only
     # known after it is written, so each checkpoint records the ones before it).
     timings: dict[str, Any] = {"restore_s": restore_s if step else None, "save_s": []}
-    meta = {**loop_cfg["meta"], "restarts": restored.restarts, "timings": timings} if is_rank0 else None
-    tok_files = ray.get(loop_cfg["tokenizer"]) if is_rank0 else None
+    meta = {**plan.checkpoint_meta, "restarts": restored.restarts, "timings": timings} if is_rank0 else None
+    tok_files = ray.get(plan.tokenizer_files) if is_rank0 else None
     ga = cfg.grad_accum_steps
     # The loss sum stays on the device: one host sync per log step, not one per micro-batch.
     loss_sum, n_loss, tokens, t0 = torch.zeros((), device=device), 0, 0, time.perf_counter()
@@ -95,7 +95,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     if meta is not None and step:  # a restarted attempt keeps the run's step-0 baseline
         meta["initial_eval"] = restored.meta.get("initial_eval")
     if step == 0:  # the untrained baseline, so every run shows how far training moved it
-        initial = evaluate(engine, cfg.task, evals, device, loop_cfg.get("num_labels"))
+        initial = evaluate(engine, cfg.task, evals, device, plan.num_labels)
         if meta is not None:
             meta["initial_eval"] = initial
             print(f"[bloomray] step 0/{total} | eval {initial['eval_loss']:.4f} (untrained)", flush=True)
@@ -130,13 +130,14 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
             metrics.update(hook.log_metrics())
         metrics["epoch"] = step * ga / batches.per_epoch
         if do_eval:
-            metrics.update(evaluate(engine, cfg.task, evals, device, loop_cfg.get("num_labels")))
+            metrics.update(evaluate(engine, cfg.task, evals, device, plan.num_labels))
         if is_rank0:
             print("[bloomray] " + format_progress(step, total, metrics), flush=True)
+            export_step(plan.run_name, metrics, total)  # Prometheus gauges (deploy/monitoring)
             if sinks:
                 sinks.log(step, metrics)
         if do_ckpt:
-            probe = _probe(engine, evals, device) if step == total else None
+            probe = probe_logits(engine, evals, device) if step == total else None
             states = [h.state_dict() for h in hooks] if is_rank0 else None
             t_save = time.perf_counter()
             save_and_report(
@@ -148,7 +149,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
                 probe if is_rank0 else None,
                 states,
                 name=checkpoint_dir_name(step, tag),
-                local_root=loop_cfg.get("checkpoint_root"),
+                local_root=plan.checkpoint_root,
             )
             timings["save_s"].append(round(time.perf_counter() - t_save, 3))
         else:
@@ -161,14 +162,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
 def _forward(engine: Any, task: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     # classification and sft batches carry their own labels and attention_mask (sft: -100 on
     # prompt and padding); packed causal-LM blocks have neither and predict every token.
-    return _forward_outputs(engine, task, batch).loss
-
-
-def _forward_outputs(engine: Any, task: str, batch: dict[str, torch.Tensor]) -> Any:
-    """The model outputs (loss, logits) of ``batch``, with the labels of ``task``."""
-    if task in ("classification", "sft"):
-        return engine(**batch)
-    return engine(input_ids=batch["input_ids"], labels=batch["input_ids"])
+    return forward_outputs(engine, task, batch).loss
 
 
 def _step_metrics(
@@ -199,80 +193,6 @@ def _step_metrics(
     }
 
 
-def evaluate(
-    engine: Any,
-    task: str,
-    batches: list[dict[str, torch.Tensor]],
-    device: torch.device,
-    num_labels: int | None,
-) -> dict[str, float]:
-    """Eval loss/perplexity (LM, sft) or loss/accuracy/macro-F1 (classification) over all ranks.
-
-    sft averages per response token (a batch's mean loss weighted by its labelled tokens), so
-    the result does not depend on how examples fall into batches; the others per example.
-    Sums stay on the device until the one all-reduce at the end: no host sync per batch.
-    """
-    engine.eval()
-    k = num_labels or 1
-    loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
-    confusion = torch.zeros(k * k, dtype=torch.float64, device=device)
-    with _no_autograd(engine):
-        for b in batches:
-            b = {name: v.to(device) for name, v in b.items()}
-            out = _forward_outputs(engine, task, b)
-            # The loss predicts token t+1 at t: sft's labelled positions are labels[:, 1:].
-            n = (b["labels"][:, 1:] != -100).sum() if task == "sft" else b["input_ids"].shape[0]
-            loss_sum[0] += out.loss.double() * n
-            loss_sum[1] += n
-            if task == "classification":
-                cells = b["labels"] * k + out.logits.argmax(-1)
-                confusion += torch.bincount(cells, minlength=k * k).double()
-    engine.train()
-    totals = all_reduce_sum(torch.cat([loss_sum, confusion]), device)
-    eval_loss = (totals[0] / totals[1]).item()
-    if task != "classification":
-        return {"eval_loss": eval_loss, "eval_perplexity": perplexity(eval_loss)}
-    confusion = totals[2:].reshape(k, k)
-    return {"eval_loss": eval_loss, **classification_scores(confusion.numpy())}
-
-
-def classification_scores(confusion: np.ndarray) -> dict[str, float]:
-    """Accuracy and macro-F1 from a confusion matrix (rows: truth, columns: prediction)."""
-    confusion = np.asarray(confusion, dtype=np.float64)  # integer counts: the divisions below write floats
-    tp = np.diag(confusion)
-    precision = np.divide(tp, confusion.sum(0), out=np.zeros_like(tp), where=confusion.sum(0) > 0)
-    recall = np.divide(tp, confusion.sum(1), out=np.zeros_like(tp), where=confusion.sum(1) > 0)
-    f1 = np.divide(
-        2 * precision * recall, precision + recall, out=np.zeros_like(tp), where=(precision + recall) > 0
-    )
-    present = confusion.sum(1) > 0
-    return {
-        "eval_accuracy": float(tp.sum() / max(confusion.sum(), 1)),
-        "eval_macro_f1": float(f1[present].mean()) if present.any() else 0.0,
-    }
-
-
-def _no_autograd(engine: Any) -> Any:
-    """``inference_mode`` for eval forwards, but ``no_grad`` under ZeRO-3: parameters it gathers
-    in an inference-mode forward can reach the next training step as inference tensors, which
-    autograd refuses to save ("Inference tensors cannot be saved for backward": seen in
-    test_prune_train's ZeRO-3 run)."""
-    stage = getattr(engine, "zero_optimization_stage", lambda: 0)()  # plain modules in unit tests
-    return torch.no_grad() if stage == 3 else torch.inference_mode()
-
-
-@torch.no_grad()
-def _probe(
-    engine: Any, evals: list[dict[str, torch.Tensor]], device: torch.device
-) -> dict[str, torch.Tensor]:
-    """Logits of the trained engine on a fixed eval batch: export checks it reproduces them."""
-    engine.eval()
-    batch = {k: v[:2] for k, v in evals[0].items() if k != "labels"}
-    logits = engine(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
-    engine.train()
-    return {**batch, "logits": logits}
-
-
 def _attempt_tag(is_rank0: bool, device: torch.device) -> str:
     """Six hex digits drawn by rank 0 and shared with every rank (one all-reduce): this
     attempt's mark in its checkpoint names."""
@@ -281,10 +201,9 @@ def _attempt_tag(is_rank0: bool, device: torch.device) -> str:
 
 
 def _flop_budget(
-    cfg: Any, engine: Any, model: torch.nn.Module, loop_cfg: dict[str, Any], device: torch.device
+    cfg: Any, engine: Any, model: torch.nn.Module, mc: dict[str, Any], device: torch.device
 ) -> tuple[float, float]:
-    """(training FLOPs per token, summed peak FLOP/s of all workers)."""
-    mc = loop_cfg["model_config"]
+    """(training FLOPs per token, summed peak FLOP/s of all workers); ``mc``: the BLOOM config."""
     trainable = count_parameters(model, trainable_only=True)
     total = count_parameters(model)
     n = matmul_params(model, mc["vocab_size"], mc["hidden_size"], lm_head=cfg.task != "classification")
@@ -297,13 +216,13 @@ def _flop_budget(
     return fpt, all_reduce_sum(peak, device).item()
 
 
-def _sinks(cfg: Any, loop_cfg: dict[str, Any], rank: int, step: int) -> MetricSinks | None:
+def _sinks(plan: WorkerPlan, rank: int, step: int) -> MetricSinks | None:
     if rank != 0:
         return None
     return MetricSinks(
-        Path(loop_cfg["log_dir"]),
-        cfg.output.mlflow_tracking_uri,
-        cfg.output.tensorboard,
-        run_name=f"{loop_cfg['run_name']}-from-step-{step}",
-        params=loop_cfg["params"],
+        plan.log_dir,
+        plan.config.output.mlflow_tracking_uri,
+        plan.config.output.tensorboard,
+        run_name=f"{plan.run_name}-from-step-{step}",
+        params=plan.params,
     )

@@ -11,12 +11,13 @@ private files.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 from ray.train import UserCallback
+
+from bloomray.files import atomic_write_text
 
 INDEX_FILE = "checkpoints.json"
 
@@ -37,11 +38,8 @@ class CheckpointIndex(UserCallback):
         step = int((metrics[0] if metrics else {}).get("step", 0))
         entries = registered_checkpoints_at(Path(self.path))
         entries.append({"step": step, "path": checkpoint.path, "time": time.time()})
-        target = Path(self.path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_text(json.dumps({"registered": entries}, indent=2))
-        os.replace(tmp, target)  # readers never see a half-written index
+        # readers never see a half-written index
+        atomic_write_text(self.path, json.dumps({"registered": entries}, indent=2))
 
 
 def registered_checkpoints_at(path: Path) -> list[dict[str, Any]]:

@@ -1,4 +1,6 @@
-"""Driver side of a training run: data, Ray Train trainer, summary and export.
+"""Driver side of a training run: data, the plan, the Ray Train trainer, the summary.
+
+``export/run.py`` puts it together with the export into the job ``bloomray train`` runs.
 
 Output contract (``OUTPUT/``): ``summary.json``, ``model/`` (HF export), ``checkpoints/``
 (Ray Train run dir with DeepSpeed shards), ``logs/`` (TensorBoard, MLflow), ``tokenizer/``
@@ -8,11 +10,9 @@ and ``config.yaml`` (the resolved config, which ``--resume`` reloads).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import urllib.parse
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +24,12 @@ from ray.train.torch import TorchTrainer
 from bloomray.config import Config, ConfigError, dump_config, load_config
 from bloomray.data.prepare import PreparedData, prepare_data
 from bloomray.data.tokenizer import load_tokenizer
+from bloomray.errors import EXIT_FAILED, BloomrayError
 from bloomray.model.build import resolve_model_config
 from bloomray.raycluster import init_ray, worker_env
 from bloomray.train.batches import steps_per_epoch, total_steps
-from bloomray.train.checkpoint import META_FILE, local_checkpoint_dir, read_meta, read_tokenizer_files
+from bloomray.train.checkpoint import read_meta
+from bloomray.train.contract import RunPlan, WorkerPlan, as_loop_config, build_worker_plan
 from bloomray.train.loop import train_loop_per_worker
 from bloomray.train.progress import CheckpointIndex, index_path
 from bloomray.train.resume import (
@@ -43,8 +45,13 @@ from bloomray.train.resume import (
 log = logging.getLogger(__name__)
 
 
-class TrainingError(RuntimeError):
-    """Training failed after all retries; the message points at the logs."""
+class TrainingError(BloomrayError, RuntimeError):
+    """Training failed after all retries; the message points at the logs.
+
+    Exit code 1: the work failed (also: no trial of a Tune search finished).
+    """
+
+    exit_code = EXIT_FAILED
 
 
 def check_output_dir(out: Path, resume: bool) -> None:
@@ -65,39 +72,31 @@ def resume_config(out: Path, overrides: list[str] | None) -> Config:
     return load_config(out / "config.yaml", overrides)
 
 
-@dataclass(frozen=True)
-class RunPlan:
-    """What the driver decides before Ray starts: the model shape, the step budget, and what a
-    resume must keep (recorded in every checkpoint)."""
-
-    model_config: dict[str, Any]
-    total_steps: int
-    contract: ResumeContract
-    lr_segments: list[list[int]]
-
-
 def checkpoint_location(cfg: Config, out: Path) -> tuple[str, str]:
     """(storage, name) of the Ray Train run that holds this run's checkpoints.
 
     Without ``output.storage_path`` they live in ``OUTPUT/checkpoints``. With it (shared or
     cloud storage) the name carries a hash of the output dir's full path, so two runs whose
-    output dirs share a basename never share checkpoints.
+    output dirs share a basename never share checkpoints. A plain path is made absolute
+    (``~`` expanded, a relative one against the cwd), as pyarrow and Ray need.
     """
     if not cfg.output.storage_path:
         return str(out), "checkpoints"
+    storage = cfg.output.storage_path
+    if not urllib.parse.urlsplit(storage).scheme:
+        storage = str(Path(storage).expanduser().resolve())
     digest = hashlib.sha256(str(out).encode()).hexdigest()[:8]
-    return cfg.output.storage_path, f"{out.name}-{digest}"
+    return storage, f"{out.name}-{digest}"
 
 
 def local_checkpoint_root(cfg: Config, out: Path) -> str | None:
     """The run's checkpoint directory when storage is a local path (local disk, or NFS mounted
     on every node), where workers write checkpoints in place; None on cloud storage."""
     storage, name = checkpoint_location(cfg, out)
-    if storage.startswith("file://"):
-        storage = storage.removeprefix("file://")
-    elif "://" in storage:
+    fs, path = pafs.FileSystem.from_uri(storage)
+    if not isinstance(fs, pafs.LocalFileSystem):
         return None
-    return str(Path(storage).expanduser().resolve() / name)
+    return str(Path(path) / name)
 
 
 def plan_run(cfg: Config, out: Path, data: PreparedData, tokenizer_dir: Path) -> RunPlan:
@@ -138,39 +137,8 @@ def plan_run(cfg: Config, out: Path, data: PreparedData, tokenizer_dir: Path) ->
     return RunPlan(model_config, total, contract, extend_lr_segments(saved, step, total))
 
 
-def build_loop_config(
-    cfg: Config, out: Path, data: PreparedData, tokenizer_dir: Path, plan: RunPlan
-) -> dict[str, Any]:
-    """Everything a worker needs, with bulky parts as object refs (shared across nodes)."""
-    meta = {
-        "task": cfg.task,
-        "model_config": plan.model_config,
-        "lora": cfg.model.lora.model_dump() if cfg.model.lora.enabled else None,
-        "base_model": cfg.model.path,
-        "config": cfg.model_dump(mode="json"),
-        "data": data.stats,
-        "total_steps": plan.total_steps,
-        "resume_contract": plan.contract.to_dict(),
-        "lr_segments": plan.lr_segments,
-    }
-    return {
-        "config": cfg.model_dump(mode="json"),
-        "data": ray.put({"train": data.train, "eval": data.eval}),
-        "tokenizer": ray.put(read_tokenizer_files(tokenizer_dir)),
-        "model_config": plan.model_config,
-        "num_labels": len(data.id2label) if data.id2label else None,
-        "total_steps": plan.total_steps,
-        "lr_segments": plan.lr_segments,
-        "meta": meta,
-        "log_dir": str(out / "logs"),
-        "checkpoint_root": local_checkpoint_root(cfg, out),
-        "run_name": out.name,
-        "params": _flat_params(cfg),
-    }
-
-
 def build_trainer(
-    cfg: Config, out: Path, loop_config: dict[str, Any], callbacks: list[Any] | None = None
+    cfg: Config, out: Path, worker_plan: WorkerPlan, callbacks: list[Any] | None = None
 ) -> TorchTrainer:
     """A TorchTrainer whose checkpoints live in ``OUTPUT/checkpoints`` (resumable by name).
 
@@ -183,7 +151,7 @@ def build_trainer(
     resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config=as_loop_config(worker_plan),
         scaling_config=ray.train.ScalingConfig(
             num_workers=s.num_workers,
             use_gpu=s.use_gpu,
@@ -201,12 +169,17 @@ def build_trainer(
     )
 
 
-def run_training(cfg: Config, output_dir: str | Path, resume: bool = False) -> dict[str, Any]:
-    """Train per ``cfg`` into ``output_dir``; return the summary (also in summary.json).
+def start_run(
+    cfg: Config, output_dir: str | Path, resume: bool = False
+) -> tuple[Path, PreparedData, Path, RunPlan]:
+    """Everything before the first worker starts: the output dir, data, tokenizer, the plan
+    (with the resume checks), the saved config, and Ray.
+
+    Returns:
+        (output dir, prepared data, tokenizer dir, plan) for :func:`fit`.
 
     Raises:
         ConfigError / DataError: bad settings or data, before any worker starts.
-        TrainingError: the run failed after ``train.max_failures`` retries.
     """
     out = Path(output_dir).expanduser().resolve()
     check_output_dir(out, resume)
@@ -220,37 +193,40 @@ def run_training(cfg: Config, output_dir: str | Path, resume: bool = False) -> d
     plan = plan_run(cfg, out, data, tokenizer_dir)
     dump_config(cfg, out / "config.yaml")
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
-    return train_prepared(cfg, out, data, tokenizer_dir, plan=plan)
+    return out, data, tokenizer_dir, plan
 
 
-def train_prepared(
+def fit(
     cfg: Config,
     out: Path,
     data: PreparedData,
     tokenizer_dir: Path,
     callbacks: list[Any] | None = None,
     plan: RunPlan | None = None,
-) -> dict[str, Any]:
-    """Run the Ray Train job on prepared data, then summarise and export (Ray already up).
+) -> tuple[ray.train.Checkpoint, str]:
+    """Run the Ray Train job on prepared data (Ray already up).
 
     Re-running it on the same ``out`` resumes from the latest checkpoint there (after the
     same checks as :func:`plan_run`).
+
+    Returns:
+        The final checkpoint, and where it lives (:func:`checkpoint_uri`).
+
+    Raises:
+        TrainingError: the run failed after ``train.max_failures`` retries.
     """
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.scaling.worker_start_timeout_s)
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # else each progress line prints twice
     plan = plan or plan_run(cfg, out, data, tokenizer_dir)
-    loop_config = build_loop_config(cfg, out, data, tokenizer_dir, plan)
-    trainer = build_trainer(cfg, out, loop_config, callbacks)
+    worker_plan = build_worker_plan(cfg, out, data, tokenizer_dir, plan, local_checkpoint_root(cfg, out))
+    trainer = build_trainer(cfg, out, worker_plan, callbacks)
     try:
         result = trainer.fit()
     except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors in several types
         raise TrainingError(f"training failed: {exc}\nlogs: {out / 'logs'} and the Ray worker logs") from exc
     if result.checkpoint is None:
         raise TrainingError(f"training finished without a checkpoint in {out / 'checkpoints'}")
-    source = checkpoint_uri(result.checkpoint, checkpoint_location(cfg, out)[0])
-    # Without an export the summary needs only the checkpoint's metadata file.
-    with local_checkpoint_dir(result.checkpoint, None if cfg.output.export else [META_FILE]) as local_dir:
-        return finish_run(out, local_dir, cfg.output.export, source=source)
+    return result.checkpoint, checkpoint_uri(result.checkpoint, checkpoint_location(cfg, out)[0])
 
 
 def checkpoint_uri(checkpoint: ray.train.Checkpoint, storage: str) -> str:
@@ -265,22 +241,16 @@ def checkpoint_uri(checkpoint: ray.train.Checkpoint, storage: str) -> str:
     return f"{parts.scheme}://{checkpoint.path}" + (f"?{parts.query}" if parts.query else "")
 
 
-def finish_run(
-    out: Path, checkpoint_path: str | Path, export: bool, source: str | None = None
-) -> dict[str, Any]:
-    """Write summary.json from the final checkpoint and export the model.
+def summarize(checkpoint_path: str | Path, source: str | None = None) -> dict[str, Any]:
+    """The run's summary (what summary.json holds before an export) from its final checkpoint.
 
     Args:
         checkpoint_path: the final checkpoint as a local dir (a download of a remote one).
-        source: where that checkpoint lives when it is not ``checkpoint_path`` (a URI); the
-            summary and the model card name it.
+        source: where that checkpoint lives when it is not ``checkpoint_path`` (a URI).
     """
-    from bloomray.model.export import export_checkpoint
-
-    source = source or str(checkpoint_path)
     meta = read_meta(checkpoint_path)
     m = meta["metrics"]
-    summary = {
+    return {
         "task": meta["task"],
         "steps": meta["step"],
         "initial_eval_loss": (meta.get("initial_eval") or {}).get("eval_loss"),
@@ -291,25 +261,7 @@ def finish_run(
         "tokens_per_s": m.get("tokens_per_s"),
         "mfu": m.get("mfu"),
         "peak_mem_mb": m.get("peak_mem_mb"),
-        "checkpoint": source,
+        "checkpoint": source or str(checkpoint_path),
         "restarts": meta.get("restarts", []),  # the step each recovery resumed from
         "data": meta["data"],
     }
-    if export:
-        info = export_checkpoint(checkpoint_path, out / "model", overwrite=True, source=source)
-        summary["model_dir"] = str(out / "model")
-        summary["export_max_abs_logit_diff"] = info.get("max_abs_logit_diff")
-        summary["export"] = {k: v for k, v in info.items() if k != "checkpoint"}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
-
-
-def _flat_params(cfg: Config) -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for section, values in cfg.model_dump(mode="json").items():
-        if isinstance(values, dict):
-            for k, v in values.items():
-                flat[f"{section}.{k}"] = v
-        else:
-            flat[section] = values
-    return flat

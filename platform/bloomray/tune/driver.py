@@ -11,11 +11,11 @@ Outputs in DIR: ``trials.csv``, ``pareto.png``, ``lr_vs_quality.png``, ``winner/
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from ray import tune
 
 from bloomray.config import Config, ConfigError, dump_config, load_config
 from bloomray.data.prepare import PreparedData, prepare_data
-from bloomray.model.export import swap_into_place
+from bloomray.files import atomic_dir, atomic_write_text
 from bloomray.raycluster import init_ray
 from bloomray.train.checkpoint import read_tokenizer_files
 from bloomray.tune.select import Candidate, choose_winner, pareto_front
@@ -43,20 +43,26 @@ def _trial(
     """One trial: train + export with the sampled config, then report the final metrics."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from bloomray.train.run import train_prepared
+    from bloomray.export.run import train_prepared
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(base, params)
     cfg.train.eval_every = cfg.train.log_every  # ASHA needs the metric in every report
     out = Path(root) / "trials" / trial_id
-    tok_dir = out / "tokenizer"
-    tok_dir.mkdir(parents=True, exist_ok=True)
-    for name, blob in tokenizer_files.items():
-        (tok_dir / name).write_bytes(blob)
-    attempts = out / "attempts"
-    attempts.write_text(str(int(attempts.read_text()) + 1 if attempts.exists() else 1))
-    dump_config(cfg, out / "config.yaml")
-    summary = train_prepared(cfg, out, data, tok_dir, callbacks=[TuneReportCallback()])
+    done = out / "summary.json"  # the trial's last write, after its export
+    if done.exists():
+        # It finished under a driver that died before Tune saved that (Tune's state saves
+        # are 10 s or more apart): on --resume, report that result again, never re-run it.
+        summary = json.loads(done.read_text())
+    else:
+        tok_dir = out / "tokenizer"
+        tok_dir.mkdir(parents=True, exist_ok=True)
+        for name, blob in tokenizer_files.items():
+            (tok_dir / name).write_bytes(blob)
+        attempts = out / "attempts"
+        attempts.write_text(str(int(attempts.read_text()) + 1 if attempts.exists() else 1))
+        dump_config(cfg, out / "config.yaml")
+        summary = train_prepared(cfg, out, data, tok_dir, callbacks=[TuneReportCallback()])
     final = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
     tune.report({**final, FINAL_KEY: 1, "model_dir": summary.get("model_dir", "")})
 
@@ -190,8 +196,9 @@ def measure(cfg: Config, rows: list[dict[str, Any]], rounds: int = 3) -> list[Ca
     All exports are loaded first, then timed in interleaved rounds (best median per model),
     so a background hiccup cannot single out one trial.
     """
+    from bloomray.export.latency import forward_latency_ms
+    from bloomray.export.load import load_model
     from bloomray.model.build import count_parameters
-    from bloomray.model.load import forward_latency_ms, load_model
 
     done = [r for r in rows if r["status"] == "COMPLETED" and r["model_dir"]]
     models = {r["trial_id"]: load_model(r["model_dir"]) for r in done}
@@ -219,7 +226,15 @@ def summarize(cfg: Config, out: Path) -> dict[str, Any]:
     rows = collect_rows(cfg, out)
     cands = measure(cfg, rows)
     failed = [r for r in rows if r["status"] == "ERROR"]
-    front = pareto_front(cands) if cands else []
+    if not cands:  # every trial failed: keep their errors in trials.csv, then say so
+        from bloomray.train.run import TrainingError
+
+        write_csv(rows, out / "trials.csv")
+        raise TrainingError(
+            f"no trial of the search finished ({len(failed)} of {len(rows)} failed); "
+            f"their errors are in {out / 'trials.csv'}"
+        )
+    front = pareto_front(cands)
     winner, why = choose_winner(cands, cfg.select.max_latency_ms, cfg.select.min_sparsity)
     for r in rows:
         r["pareto"] = any(c.trial_id == r["trial_id"] for c in front)
@@ -252,7 +267,7 @@ def summarize(cfg: Config, out: Path) -> dict[str, Any]:
         ],
         "pareto_front": [c.trial_id for c in front],
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
     return summary
 
 
@@ -260,20 +275,16 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
     cols: list[str] = []
     for r in rows:
         cols += [k for k in r if k not in cols]
-    with path.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
 
 
 def copy_winner(src: Path, dst: Path, why: str) -> None:
     """Copy the winning export to ``dst`` atomically and note why it won in its card."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
+    with atomic_dir(dst) as tmp:
         shutil.copytree(src, tmp, dirs_exist_ok=True)
         card = tmp / "README.md"
         card.write_text(card.read_text() + f"\n## Selected by bloomray tune\n{why}; from `{src}`.\n")
-        swap_into_place(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -102,5 +102,9 @@ def test_encode_classification_pads_right_and_truncates(tok):
 
 
 def test_encode_classification_pads_to_longest(tok):
-    enc = encode_classification(tok, ["fox", "dog"], max_length=64)
-    assert enc["input_ids"].shape[1] < 64
+    texts = ["fox", "the lazy dog"]
+    enc = encode_classification(tok, texts, max_length=64)
+    lengths = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    assert lengths[0] < lengths[1] < 64
+    assert enc["input_ids"].shape == (2, lengths[1])  # the longest text's length, not max_length
+    assert enc["attention_mask"].sum(1).tolist() == lengths

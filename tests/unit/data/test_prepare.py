@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bloomray.config import PRESET_DIR, load_config
+from bloomray.config import load_config, preset_names
 from bloomray.data.corpus import DataError
+from bloomray.data.packing import pack_blocks, tokenize_documents
 from bloomray.data.prepare import configured_tokenizer, prepare_data
 from bloomray.data.tokenizer import TokenizerError, load_tokenizer, train_tokenizer
 
@@ -59,7 +60,9 @@ def test_causal_blocks_split_and_tokenizer_saved(tmp_path: Path):
     data = prepare_data(causal_cfg(f), tokenizer_dir=tok_dir)
     tr, ev = data.train["input_ids"], data.eval["input_ids"]
     assert tr.ndim == 2 and tr.shape[1] == 16 and ev.shape[1] == 16
-    assert len(tr) >= 3 and len(ev) >= 1
+    # Train + eval are exactly the 16-token blocks of the 40 paragraphs, each ended by EOS.
+    packed = pack_blocks(tokenize_documents(data.tokenizer, paragraphs(40).split("\n\n")), 16)
+    assert sorted(map(tuple, np.concatenate([tr, ev]).tolist())) == sorted(map(tuple, packed.tolist()))
     assert len(ev) == round((len(tr) + len(ev)) * 0.25)
     assert tr.max() < len(data.tokenizer) and tr.min() >= 0
     assert data.id2label is None
@@ -98,7 +101,9 @@ def test_causal_separate_eval_file(tmp_path: Path):
     whole = prepare_data(causal_cfg(f))
     # Nothing held out of the training file when an eval file is given.
     assert len(data.train["input_ids"]) == len(whole.train["input_ids"]) + len(whole.eval["input_ids"])
-    assert len(data.eval["input_ids"]) >= 1
+    # The eval blocks are the eval file's, in order.
+    eval_blocks = pack_blocks(tokenize_documents(data.tokenizer, paragraphs(5).split("\n\n")), 16)
+    assert np.array_equal(data.eval["input_ids"], eval_blocks)
 
 
 def test_causal_max_documents(tmp_path: Path):
@@ -263,7 +268,7 @@ def test_a_foreign_tokenizer_for_a_pretrained_model_names_both(tmp_path: Path):
     assert str(tmp_path / "model") in msg and str(tmp_path / "other") in msg and "not the tokenizer" in msg
 
 
-HUB_PRESETS = sorted(p.stem for p in PRESET_DIR.glob("*.yaml") if load_config(p).model.path)
+HUB_PRESETS = [name for name in preset_names() if load_config(name).model.path]
 
 
 def test_some_presets_name_a_hub_model():

@@ -1,4 +1,4 @@
-"""Instruction data (task: sft): row formats, response-only labels, padding isolation, bad rows."""
+"""Instruction data (task: sft): row formats, response-only labels, right padding, bad rows."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-from tiny_bloom import VOCAB, make_model
 from transformers import AutoTokenizer
 
 from bloomray.config import load_config
@@ -63,18 +61,11 @@ def test_both_row_formats_give_the_same_conversation():
         {"role": "user", "content": "hi"},
         {"role": "assistant", "content": "hello"},
     ]
-    multi, _ = to_messages(
-        {
-            "messages": [
-                {"role": "system", "content": "be brief"},
-                {"role": "user", "content": "a"},
-                {"role": "assistant", "content": "b"},
-                {"role": "user", "content": "c"},
-                {"role": "assistant", "content": "d"},
-            ]
-        }
+    turns = [("system", "be brief"), ("user", "a"), ("assistant", "b"), ("user", "c"), ("assistant", "d")]
+    multi, why = to_messages(
+        {"messages": [{"role": r, "content": c, "name": "extra keys are dropped"} for r, c in turns]}
     )
-    assert multi is not None and len(multi) == 5
+    assert why == "" and multi == [{"role": r, "content": c} for r, c in turns]  # every turn, in order
 
 
 @pytest.mark.parametrize(
@@ -133,23 +124,6 @@ def test_multi_turn_trains_only_the_last_assistant_turn(tok):
     prompt, response = encode_conversation(tok, messages)
     assert "Assistant: blue" in tok.decode(prompt)  # earlier turns are context
     assert tok.decode(response, skip_special_tokens=True) == " cyan"
-
-
-def test_padding_never_changes_real_positions():
-    # One example alone vs right-padded beside a longer one: the real positions' logits match,
-    # whatever token ids the padding holds.
-    model = make_model("causal_lm")
-    g = torch.Generator().manual_seed(0)
-    short, long = torch.randint(4, VOCAB, (7,), generator=g), torch.randint(4, VOCAB, (16,), generator=g)
-    with torch.no_grad():
-        alone = model(input_ids=short[None], attention_mask=torch.ones(1, 7, dtype=torch.long)).logits[0]
-        for pad in (0, 5, VOCAB - 1):
-            ids = torch.stack([torch.cat([short, torch.full((9,), pad)]), long])
-            mask = torch.tensor([[1] * 7 + [0] * 9, [1] * 16])
-            batched = model(input_ids=ids, attention_mask=mask).logits
-            torch.testing.assert_close(batched[0, :7], alone, rtol=1e-5, atol=1e-5)
-            long_alone = model(input_ids=long[None]).logits[0]
-            torch.testing.assert_close(batched[1], long_alone, rtol=1e-5, atol=1e-5)
 
 
 def test_prepare_sft_splits_mixed_formats_and_saves_the_template(tmp_path: Path):

@@ -80,8 +80,10 @@ def test_hook_states_round_trip_keeps_values_dtypes_and_order(tmp_path: Path):
 
 
 def test_hook_state_rejects_values_it_cannot_write_back(tmp_path: Path):
-    with pytest.raises(TypeError):  # a bare tensor is neither a tensor dict nor JSON
+    # A bare tensor is neither a tensor dict nor JSON.
+    with pytest.raises(TypeError, match="not JSON serializable"):
         save_hook_states(tmp_path, [{"count": torch.tensor([7])}])
+    assert not (tmp_path / HOOKS_META_FILE).exists()  # no hooks.json: the partial state never reads as whole
     with pytest.raises(ValueError, match="must not contain '/'"):
         save_hook_states(tmp_path, [{"masks": {"a/b": torch.ones(2)}}])
 

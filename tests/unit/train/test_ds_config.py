@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bloomray.config import PRESET_DIR, load_config
+from bloomray.config import load_config, preset_names
 from bloomray.train.engine import MIN_BUCKET, ZERO3_SUB_GROUP, compute_dtype, deepspeed_config
 
 BASE = ["train.max_steps=5"]
@@ -88,7 +88,7 @@ def test_client_optimizer_is_allowed_and_quiet():
     assert d["steps_per_print"] >= 10**6
 
 
-@pytest.mark.parametrize("preset", sorted(PRESET_DIR.glob("*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("preset", preset_names())
 def test_every_preset_gives_a_valid_deepspeed_config(preset):
     import json
 

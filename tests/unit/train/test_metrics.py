@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bloomray.model.build import build_from_config, preset_config
-from bloomray.train.loop import classification_scores
+from bloomray.train.evaluation import classification_scores
 from bloomray.train.metrics import flops_per_token, format_progress, matmul_params, perplexity
 
 # rows: truth, columns: prediction

@@ -92,29 +92,6 @@ def test_auto_is_cpu_adam_under_offload_even_on_gpu(model):
     assert type(build_optimizer(cfg, model)) is deepspeed.ops.adam.DeepSpeedCPUAdam
 
 
-def test_cpu_adam_steps_like_torch_adamw():
-    """Same AdamW update (bias correction, decoupled decay, per-group decay) as torch's."""
-    cfg = ["train.lr=0.01", "train.weight_decay=0.1", "train.betas=[0.9, 0.95]"]
-    models, opts = [], []
-    for choice in ("adamw", "cpu_adam"):
-        m = build_from_config("causal_lm", preset_config("tiny", 300), seed=0)
-        models.append(m)
-        opts.append(build_optimizer(load_config(None, [*BASE, *cfg, f"deepspeed.optimizer={choice}"]), m))
-    g = torch.Generator().manual_seed(0)
-    for _ in range(3):
-        grads = [torch.randn(p.shape, generator=g) for p in models[0].parameters()]
-        for m, opt in zip(models, opts, strict=True):
-            for p, grad in zip(m.parameters(), grads, strict=True):
-                p.grad = grad.clone()
-            opt.step()
-    start = build_from_config("causal_lm", preset_config("tiny", 300), seed=0)
-    for (name, ref), got, p0 in zip(
-        models[0].named_parameters(), models[1].parameters(), start.parameters(), strict=True
-    ):
-        assert not torch.equal(ref, p0), name  # the steps moved every weight
-        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6, msg=name)
-
-
 class _Unbuildable:
     def __init__(self, *args, **kwargs):
         raise RuntimeError("DeepSpeedCPUAdam requires the cpu_adam op, which failed to build/load.")

@@ -92,6 +92,25 @@ def test_checkpoints_are_written_in_place_on_local_storage_only(tmp_path: Path, 
     assert root == str(Path(storage_dir.removeprefix("file://")) / name)
 
 
+def test_a_file_uri_storage_is_written_in_place_at_its_path(tmp_path: Path):
+    cfg = load_config(None, ["train.max_steps=1", f"output.storage_path=file://{tmp_path}/shared"])
+    out = tmp_path / "run"
+    _, name = checkpoint_location(cfg, out)
+    assert local_checkpoint_root(cfg, out) == str(tmp_path / "shared" / name)
+
+
+@pytest.mark.parametrize(("storage", "base"), [("shared", "cwd/shared"), ("~/ckpts", "home/ckpts")])
+def test_a_relative_or_home_storage_path_is_made_absolute(tmp_path: Path, monkeypatch, storage, base):
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    cfg = load_config(None, ["train.max_steps=1", f"output.storage_path={storage}"])
+    out = tmp_path / "run"
+    storage_dir, name = checkpoint_location(cfg, out)
+    assert storage_dir == str((tmp_path / base).resolve())  # what Ray gets: pyarrow needs it absolute
+    assert local_checkpoint_root(cfg, out) == str((tmp_path / base).resolve() / name)
+
+
 def test_checkpoint_names_carry_step_and_attempt():
     assert checkpoint_dir_name(40, "0a1b2c") == "checkpoint_000040-0a1b2c"
     assert checkpoint_dir_name(40, "0a1b2c") != checkpoint_dir_name(40, "ffffff")

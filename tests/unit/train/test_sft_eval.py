@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from tiny_bloom import VOCAB, make_model
 
-from bloomray.train.loop import _forward, evaluate
+from bloomray.train.evaluation import evaluate
+from bloomray.train.loop import _forward
 
 
 def sft_batch(lengths: list[tuple[int, int]], width: int, seed: int) -> dict[str, torch.Tensor]:

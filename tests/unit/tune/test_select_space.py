@@ -46,9 +46,40 @@ def test_space_checks_and_trial_configs():
         )
 
 
-def test_optuna_tuner_builds(tmp_path):
-    from bloomray.tune.driver import build_tuner
+def test_optuna_tuner_builds(tmp_path, monkeypatch):
+    import ray.tune.search.optuna
 
-    cfg = load_config("tune-tiny-cpu", ["tune.search=optuna"])
-    tuner = build_tuner(cfg, tmp_path, lambda config: None)
-    assert tuner is not None
+    import bloomray.tune.driver as driver
+
+    def recorder(kind: str):
+        def build(*args, **kwargs):
+            return (kind, args, kwargs)
+
+        return build
+
+    monkeypatch.setattr(driver.tune, "Tuner", recorder("tuner"))
+    monkeypatch.setattr(driver.tune.schedulers, "ASHAScheduler", recorder("asha"))
+    monkeypatch.setattr(ray.tune.search.optuna, "OptunaSearch", recorder("optuna"))
+    cfg = load_config("tune-tiny-cpu", ["tune.search=optuna", "tune.seed=7", "tune.max_failures=2"])
+
+    def trainable(config):
+        return None
+
+    kind, (given,), kw = driver.build_tuner(cfg, tmp_path, trainable)
+    assert kind == "tuner" and given is trainable
+    assert set(kw["param_space"]) == {"train.lr", "prune.final_sparsity", "prune.schedule"}
+    tc, rc = kw["tune_config"], kw["run_config"]
+    assert (tc.metric, tc.mode, tc.num_samples, tc.max_concurrent_trials) == ("eval_loss", "min", 4, 1)
+    assert tc.search_alg == ("optuna", (), {"seed": 7})
+    assert tc.scheduler == (
+        "asha",
+        (),
+        {"time_attr": "training_iteration", "grace_period": 3, "reduction_factor": 2},
+    )
+    assert (rc.name, rc.storage_path, rc.failure_config.max_failures) == ("tune", str(tmp_path), 2)
+    # A quality metric to maximise, random search and no early stopping.
+    cfg = load_config(
+        "classify-tiny-cpu", ["tune.metric=eval_macro_f1", "tune.scheduler=fifo", "tune.space={}"]
+    )
+    tc = driver.build_tuner(cfg, tmp_path, trainable)[2]["tune_config"]
+    assert (tc.metric, tc.mode, tc.search_alg, tc.scheduler) == ("eval_macro_f1", "max", None, None)

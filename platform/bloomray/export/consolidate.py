@@ -8,31 +8,36 @@ checkpoint never leaves half an export behind.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoTokenizer, BloomConfig
 
+from bloomray.errors import EXIT_FAILED, BloomrayError
+from bloomray.export.card import write_model_card
+from bloomray.export.latency import bounded_latency_ms
+from bloomray.export.sparse import SPARSE_FILE, SPARSE_KEY, save_sparse
+from bloomray.files import atomic_dir
 from bloomray.model.build import add_lora, build_from_config, count_parameters, model_class
-from bloomray.model.card import write_model_card
 from bloomray.train.checkpoint import (
     DS_TAG,
     PROBE_FILE,
     TOKENIZER_DIR,
+    CorruptCheckpointError,
     load_deepspeed_file,
     local_checkpoint_dir,
     read_meta,
 )
 
-# Seconds of timed forwards per latency figure of an export (see bounded_latency_ms).
-LATENCY_BUDGET_S = 2.0
 
+class ExportError(BloomrayError, RuntimeError):
+    """The checkpoint could not be exported; the message says why.
 
-class ExportError(RuntimeError):
-    """The checkpoint could not be exported; the message says why."""
+    Exit code 1: the export failed (target exists without --overwrite, shapes or logits mismatch).
+    """
+
+    exit_code = EXIT_FAILED
 
 
 def consolidated_state_dict(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
@@ -42,7 +47,10 @@ def consolidated_state_dict(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
 
     tag_dir = checkpoint_dir / DS_TAG
     if not tag_dir.is_dir():
-        raise ExportError(f"{checkpoint_dir} has no DeepSpeed checkpoint (missing {DS_TAG}/)")
+        raise CorruptCheckpointError(
+            f"{checkpoint_dir} has no DeepSpeed checkpoint (missing {DS_TAG}/); pass a complete "
+            "OUTPUT/checkpoints/checkpoint_* directory"
+        )
     if read_meta(checkpoint_dir)["config"]["deepspeed"]["zero_stage"] > 0:
         return dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=DS_TAG))
     states = load_deepspeed_file(tag_dir / "mp_rank_00_model_states.pt")
@@ -84,7 +92,7 @@ def load_checkpoint_model(checkpoint_dir: str | Path) -> tuple[torch.nn.Module, 
 
 def check_probe(model_dir: Path, checkpoint_dir: Path, dtype: torch.dtype) -> float | None:
     """Max |logit difference| between the reloaded export and the engine's probe logits."""
-    from bloomray.model.load import load_model
+    from bloomray.export.load import load_model
 
     probe_path = checkpoint_dir / PROBE_FILE
     if not probe_path.exists():
@@ -116,8 +124,8 @@ def compact_model(model: torch.nn.Module, tolerance: float = 1e-4) -> tuple[torc
     Raises:
         ExportError: the compact model's fp32 logits differ from the masked model's.
     """
+    from bloomray.model.compact import SPEC_KEY, compact_state_dict, find_removable, reshape_model
     from bloomray.model.compact_hf import BloomrayCompactForCausalLM, compact_config
-    from bloomray.prune.compact import SPEC_KEY, compact_state_dict, find_removable, reshape_model
 
     cfg = model.config
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -147,21 +155,8 @@ def compact_model(model: torch.nn.Module, tolerance: float = 1e-4) -> tuple[torc
     }
 
 
-def bounded_latency_ms(model: torch.nn.Module, budget_s: float = LATENCY_BUDGET_S) -> float:
-    """``forward_latency_ms`` (batch 4 x 64) with as many timed forwards (1 to 10) as fit in
-    ``budget_s``: a small model gets the median of 10, while a large one (a 250,880-row LM head, a
-    7B model on CPU) is timed once instead of spending minutes of the export on it."""
-    from bloomray.model.load import forward_latency_ms
-
-    once = forward_latency_ms(model, repeats=1)  # a warm-up forward, then one timed
-    repeats = min(10, int(budget_s * 1000 / max(once, 1e-3)))
-    return once if repeats <= 1 else forward_latency_ms(model, repeats=repeats)
-
-
 def _write_model(model: torch.nn.Module, tmp: Path, prune_method: str) -> dict[str, Any]:
     """Save ``model`` into ``tmp`` in the most compact loadable form for its pruning method."""
-    from bloomray.model.load import SPARSE_FILE, SPARSE_KEY, save_sparse
-
     facts: dict[str, Any] = {"parameters_dense": count_parameters(model)}
     dense_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     facts["dense_size_bytes"] = dense_bytes
@@ -198,7 +193,7 @@ def export_checkpoint(
     """Write ``output_dir`` as a model dir (weights, config, tokenizer, model card).
 
     Structurally pruned models are compacted into smaller shapes; unstructured-pruned ones
-    are stored sparse (bitmask + values); both load with ``bloomray.model.load.load_model``.
+    are stored sparse (bitmask + values); both load with ``bloomray.export.load.load_model``.
     Others are plain HF dirs.
 
     Args:
@@ -215,7 +210,8 @@ def export_checkpoint(
         Export facts: parameters, size on disk, latency, probe logit difference.
 
     Raises:
-        FileNotFoundError / ExportError: not a checkpoint, shapes mismatch, logits differ.
+        CorruptCheckpointError: not a (complete) bloomray checkpoint (exit code 2).
+        ExportError: the output exists, shapes mismatch, logits differ (exit code 1).
     """
     out = Path(output_dir)
     if out.exists() and not overwrite:
@@ -228,9 +224,7 @@ def _export_local(ckpt: Path, out: Path, tolerance: float | None, source: str) -
     """:func:`export_checkpoint` of a checkpoint on local disk."""
     model, meta = load_checkpoint_model(ckpt)
     prune_method = meta["config"].get("prune", {}).get("method", "none")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         facts = _write_model(model, tmp, prune_method)
         if (ckpt / TOKENIZER_DIR).is_dir():
             AutoTokenizer.from_pretrained(str(ckpt / TOKENIZER_DIR)).save_pretrained(str(tmp))
@@ -253,19 +247,4 @@ def _export_local(ckpt: Path, out: Path, tolerance: float | None, source: str) -
             "prune_method": prune_method,
         }
         write_model_card(tmp, meta, info)
-        swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return info
-
-
-def swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an existing ``out`` is moved aside first, then removed."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

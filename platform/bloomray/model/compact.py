@@ -7,7 +7,7 @@ rows (and biases) in ``query_key_value``: its context is zero, so its rows and i
 its index among the *original* heads), so the compact attention selects those slopes.
 
 Per-layer shapes then differ from stock ``BloomConfig``; the spec is stored in config.json
-under ``bloomray_compact`` and :func:`bloomray.model.load.load_model` rebuilds it.
+under ``bloomray_compact`` and :func:`bloomray.export.load.load_model` rebuilds it.
 """
 
 from __future__ import annotations

@@ -63,7 +63,7 @@ def _load_section(name: str, meta: dict[str, Any]) -> str:
         auto = "AutoModelForSequenceClassification" if classifier else "AutoModelForCausalLM"
         load = f'from transformers import {auto}\nmodel = {auto}.from_pretrained("{name}")'
     else:
-        load = f'from bloomray.model.load import load_model  # reads compacted and sparse exports\nmodel = load_model("{name}")'
+        load = f'from bloomray.export.load import load_model  # reads compacted and sparse exports\nmodel = load_model("{name}")'
     if classifier:
         serving = "`bloomray serve --model DIR` serves it on transformers at `POST /v1/classify`."
     elif method == "structured":

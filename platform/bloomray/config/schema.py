@@ -1,24 +1,23 @@
-"""Typed run configuration: YAML presets, ``--set key.sub=value`` overrides, validation.
-
-All checks live here so the CLI, the job scripts and the tests agree. Every error is a
-:class:`ConfigError` that names the key, what was wrong and what is allowed, and it is
-raised before Ray starts.
+"""The typed run configuration: its sections, their fields and limits, and the checks of
+settings that are each valid but cannot work together (``check_combinations``).
 """
 
 from __future__ import annotations
 
-import difflib
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-PRESET_DIR = Path(__file__).resolve().parents[2] / "jobs" / "configs"
+from bloomray.errors import EXIT_USAGE, BloomrayError
 
 
-class ConfigError(ValueError):
-    """A configuration problem, phrased for the person who wrote the config."""
+class ConfigError(BloomrayError, ValueError):
+    """A configuration problem, phrased for the person who wrote the config.
+
+    Exit code 2: a key, value, combination, preset or ``--resume`` dir is wrong.
+    """
+
+    exit_code = EXIT_USAGE
 
 
 class _Section(BaseModel):
@@ -290,116 +289,3 @@ def check_combinations(cfg: Config) -> None:
 
 
 # --------------------------------------------------------------------------- loading
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML preset (a path or a preset name from jobs/configs) and apply overrides.
-
-    Args:
-        path: YAML file, or the stem of a preset in ``jobs/configs`` (``tiny-cpu``).
-            None starts from the defaults.
-        overrides: ``key.sub=value`` strings; values are parsed as YAML scalars/lists.
-
-    Returns:
-        The validated config.
-
-    Raises:
-        ConfigError: missing file, bad YAML, unknown key, wrong type or bad combination.
-    """
-    raw: dict[str, Any] = {}
-    if path is not None:
-        raw = _read_yaml(resolve_preset(path))
-    for item in overrides or []:
-        apply_override(raw, item)
-    return config_from_dict(raw)
-
-
-def resolve_preset(path: str | Path) -> Path:
-    """Return the YAML file for a path or a preset name; ConfigError if there is none."""
-    p = Path(path)
-    if p.is_file():
-        return p
-    candidate = PRESET_DIR / f"{p.name.removesuffix('.yaml')}.yaml"
-    if candidate.is_file():
-        return candidate
-    presets = ", ".join(sorted(x.stem for x in PRESET_DIR.glob("*.yaml")))
-    raise ConfigError(f"config file not found: {path}. Give a YAML path or a preset: {presets}")
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping of sections (train:, model:, ...)")
-    return data
-
-
-def apply_override(raw: dict[str, Any], item: str) -> None:
-    """Apply one ``a.b.c=value`` override (value parsed as YAML) to a nested dict in place."""
-    key, sep, value = item.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.lr=3e-4)")
-    try:
-        parsed = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError:
-        parsed = value
-    set_key(raw, key, parsed)
-
-
-def set_key(raw: dict[str, Any], key: str, value: Any) -> None:
-    """Set the dotted ``key`` of a nested dict in place, creating sections on the way."""
-    node = raw
-    parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"cannot set {key!r}: {part!r} is a value, not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def config_from_dict(raw: dict[str, Any]) -> Config:
-    """Validate a nested dict into a Config, translating pydantic errors into ConfigError."""
-    try:
-        return Config.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(_explain(exc)) from None
-
-
-def _explain(exc: ValidationError) -> str:
-    lines = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"])
-        if err["type"] == "extra_forbidden":
-            lines.append(_unknown_key_message(err["loc"]))
-        elif not loc:  # a model-level check (check_combinations)
-            lines.append(err["msg"].removeprefix("Value error, "))
-        else:
-            msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"{loc}: {msg} (got {err.get('input')!r})")
-    return "invalid config:\n  " + "\n  ".join(lines)
-
-
-def _unknown_key_message(loc: tuple[Any, ...]) -> str:
-    section: type[BaseModel] = Config
-    for part in loc[:-1]:
-        field = section.model_fields.get(str(part))
-        if field is None or not isinstance(field.annotation, type):
-            break
-        if issubclass(field.annotation, BaseModel):
-            section = field.annotation
-    allowed = list(section.model_fields)
-    key = ".".join(str(p) for p in loc)
-    hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-    guess = f" Did you mean '{'.'.join([*map(str, loc[:-1]), hint[0]])}'?" if hint else ""
-    return f"unknown config key '{key}'.{guess} Allowed here: {', '.join(allowed)}"
-
-
-def dump_config(cfg: Config, path: Path) -> None:
-    """Write the resolved config as YAML (what a resume reloads)."""
-    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -8,8 +8,9 @@ from types import SimpleNamespace
 import torch
 from transformers import BloomConfig
 
+from bloomray.export.consolidate import empty_model
+from bloomray.export.latency import bounded_latency_ms
 from bloomray.model.build import build_from_config
-from bloomray.model.export import bounded_latency_ms, empty_model
 
 TINY = BloomConfig(vocab_size=96, hidden_size=16, n_layer=2, n_head=2)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,18 +12,12 @@ from safetensors.torch import load_file, save_file
 from tiny_bloom import PAD, TARGETS, VOCAB, make_model
 from transformers import BloomForCausalLM, BloomForSequenceClassification
 
+from bloomray.export.consolidate import _write_model, compact_model
+from bloomray.export.latency import forward_latency_ms
+from bloomray.export.load import load_model, task_of
+from bloomray.export.sparse import SPARSE_FILE, SPARSE_KEY, load_sparse, save_sparse
 from bloomray.model.build import ModelLoadError, count_parameters
-from bloomray.model.export import _write_model, compact_model
-from bloomray.model.load import (
-    SPARSE_FILE,
-    SPARSE_KEY,
-    forward_latency_ms,
-    load_model,
-    load_sparse,
-    save_sparse,
-    task_of,
-)
-from bloomray.prune.compact import SPEC_KEY, CompactBloomAttention
+from bloomray.model.compact import SPEC_KEY, CompactBloomAttention
 from bloomray.prune.masks import structured_masks, target_names, unstructured_masks
 
 
@@ -111,7 +106,7 @@ def test_compacted_dir_with_wrong_weights_is_refused(tmp_path: Path):
     state = load_file(str(tmp_path / "model.safetensors"))
     state["transformer.h.0.extra.weight"] = torch.zeros(2)
     save_file(state, str(tmp_path / "model.safetensors"))
-    with pytest.raises(ValueError, match="do not match the config"):
+    with pytest.raises(ModelLoadError, match="do not match the config"):  # a bad model dir: exit 2
         load_model(tmp_path)
 
 
@@ -219,8 +214,35 @@ def test_structured_export_is_compact_and_loads(tmp_path: Path):
     assert torch.allclose(logits(loaded), logits(model), atol=1e-4, rtol=0)
 
 
-def test_forward_latency_ms_is_positive():
-    model = make_model()
-    ms = forward_latency_ms(model, batch=2, seq=8, repeats=3)
-    assert isinstance(ms, float) and ms > 0
-    assert forward_latency_ms(model, batch=1, seq=4, repeats=1, vocab=10) > 0
+class _Clocked(torch.nn.Module):
+    """A stand-in model: each forward records its ids and moves a fake clock on by the next duration."""
+
+    def __init__(self, clock: list[float], seconds: list[float], vocab: int = 7) -> None:
+        super().__init__()
+        self.config = SimpleNamespace(vocab_size=vocab)
+        self.clock, self.seconds, self.seen = clock, list(seconds), []
+
+    def forward(self, input_ids: torch.Tensor) -> None:
+        self.seen.append(input_ids.clone())
+        self.clock[0] += self.seconds.pop(0)
+
+
+def test_forward_latency_ms_is_the_median_of_the_timed_forwards(monkeypatch):
+    import bloomray.export.latency as latency
+
+    clock = [0.0]
+    monkeypatch.setattr(latency, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    # The 5 s warm-up is not timed; the median of 10, 50 and 20 ms is 20 ms.
+    model = _Clocked(clock, [5.0, 0.010, 0.050, 0.020])
+    assert forward_latency_ms(model, batch=2, seq=8, repeats=3) == pytest.approx(20.0)
+    assert model.seconds == []  # one warm-up forward, then exactly `repeats` timed ones
+    first = model.seen[0]
+    assert first.shape == (2, 8) and int(first.max()) < 7  # ids below the model's vocab_size
+    assert all(torch.equal(ids, first) for ids in model.seen)  # one fixed batch for every forward
+    # An even count: the mean of the middle two; `vocab` bounds the ids instead of the config.
+    model = _Clocked(clock, [1.0, 0.001, 0.004, 0.002, 0.003], vocab=10_000)
+    assert forward_latency_ms(model, batch=1, seq=64, repeats=4, vocab=3) == pytest.approx(2.5)
+    assert int(model.seen[0].max()) < 3
+    again = _Clocked(clock, [0.0, 0.0])
+    forward_latency_ms(again, batch=2, seq=8, repeats=1)
+    assert torch.equal(again.seen[0], first)  # seeded: the same batch on every call

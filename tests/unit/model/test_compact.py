@@ -10,9 +10,9 @@ from tiny_bloom import PAD, TARGETS, VOCAB, make_model
 from transformers import BloomForCausalLM, BloomForSequenceClassification
 from transformers.models.bloom.modeling_bloom import BloomAttention
 
+from bloomray.export.consolidate import ExportError, compact_model
 from bloomray.model.build import count_parameters
-from bloomray.model.export import ExportError, compact_model
-from bloomray.prune.compact import (
+from bloomray.model.compact import (
     SPEC_KEY,
     CompactBloomAttention,
     compact_state_dict,

@@ -2,7 +2,7 @@
 
 import pytest
 
-from bloomray.model.card import _load_section
+from bloomray.export.card import _load_section
 
 
 @pytest.mark.parametrize(
