@@ -176,7 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
         "with Ray Tune, serve the compacted winner on Ray Serve + vLLM (autoscaling), send real HTTP requests, "
         "print the answers, the Pareto table and where every artifact is, and shut down. ~10 min on 2 cores.",
     )
-    p.add_argument("--output", default="outputs/demo", help="output dir (default: outputs/demo; replaced)")
+    p.add_argument(
+        "--output",
+        default="outputs/demo",
+        help="output dir (default: outputs/demo; replaced on the next run, and only if a demo made it)",
+    )
     p.add_argument("--trials", type=int, default=4, help="Tune trials (default: 4)")
     _add_set(p, "train.max_steps=30 (the pretraining config, tiny-cpu)")
     p.set_defaults(func=cmd_demo)

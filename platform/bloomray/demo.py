@@ -15,7 +15,7 @@ import socket
 import time
 from pathlib import Path
 
-from bloomray.config import load_config
+from bloomray.config import ConfigError, load_config
 from bloomray.export.run import run_training
 
 
@@ -23,13 +23,38 @@ def _banner(text: str) -> None:
     print(f"\n{'=' * 8} {text} {'=' * max(4, 70 - len(text))}", flush=True)
 
 
-def run_demo(output: Path, overrides: list[str] | None = None, trials: int = 4) -> dict:
-    """Run every stage; the output dir is replaced, so ``make demo`` can run again."""
-    import ray
+# Written into every output dir the demo creates: only such a dir is ever replaced.
+DEMO_MARKER = ".bloomray-demo"
 
+
+def claim_output(output: Path) -> Path:
+    """Make ``output`` the demo's fresh output dir, replacing only a dir an earlier demo made.
+
+    Raises:
+        ConfigError: ``output`` exists, is not empty and was not made by the demo (nothing is
+            deleted; the message says how to proceed).
+    """
     output = output.expanduser().resolve()
     if output.exists():
+        if not (output / DEMO_MARKER).is_file() and (not output.is_dir() or any(output.iterdir())):
+            raise ConfigError(
+                f"--output {output} exists and was not created by `bloomray demo`; "
+                "the demo only replaces its own output dirs: pick another --output or remove it yourself"
+            )
         shutil.rmtree(output)
+    output.mkdir(parents=True)
+    (output / DEMO_MARKER).write_text(
+        "made by bloomray demo; `bloomray demo` replaces this dir on its next run\n"
+    )
+    return output
+
+
+def run_demo(output: Path, overrides: list[str] | None = None, trials: int = 4) -> dict:
+    """Run every stage; the output dir is replaced (only one an earlier demo made), so
+    ``make demo`` can run again."""
+    import ray
+
+    output = claim_output(output)
     start = time.time()
 
     _banner("1/4 pretrain: small BLOOM on the embedded corpus (Ray Train + DeepSpeed ZeRO-2 bf16)")

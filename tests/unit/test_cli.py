@@ -325,3 +325,22 @@ def test_a_bloomray_error_hint_follows_the_message():
     from bloomray.config import ConfigError
 
     assert str(ConfigError("bad train.lr", hint="try 3e-4")) == "bad train.lr (try 3e-4)"
+
+
+def test_demo_replaces_only_a_dir_it_created(tmp_path: Path):
+    from bloomray.config import ConfigError
+    from bloomray.demo import DEMO_MARKER, claim_output
+
+    mine = tmp_path / "precious"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    with pytest.raises(ConfigError, match="was not created by `bloomray demo`"):
+        claim_output(mine)
+    assert (mine / "thesis.tex").read_text() == "years of work"
+
+    out = claim_output(tmp_path / "demo")  # new: created and marked
+    (out / "pretrain").mkdir()
+    again = claim_output(tmp_path / "demo")  # the demo's own dir: replaced, fresh
+    assert again == out and sorted(p.name for p in out.iterdir()) == [DEMO_MARKER]
+    (tmp_path / "empty").mkdir()
+    assert (claim_output(tmp_path / "empty") / DEMO_MARKER).is_file()  # an empty dir holds nothing to lose
