@@ -4,6 +4,7 @@ settings that are each valid but cannot work together (``check_combinations``).
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -51,6 +52,32 @@ class TokenizerConfig(_Section):
     min_frequency: int = Field(2, ge=1)
 
 
+class RedactConfig(_Section):
+    """PII masking before tokenization (``bloomray.data.redact``); ``data.redact=true`` enables it."""
+
+    enabled: bool = False
+    kinds: list[Literal["email", "phone", "ip", "digits"]] = ["email", "phone", "ip", "digits"]
+    patterns: list[str] = []  # your own regexes, each replaced by <REDACTED> (applied first)
+    min_digits: int = Field(6, ge=3)  # "digits": runs of at least this many digits
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bool_shorthand(cls, v: Any) -> Any:
+        return {"enabled": v} if isinstance(v, bool) else v
+
+    @field_validator("patterns")
+    @classmethod
+    def _patterns_compile(cls, v: list[str]) -> list[str]:
+        for pat in v:
+            try:
+                rx = re.compile(pat)
+            except re.error as exc:
+                raise ValueError(f"pattern {pat!r} is not a valid regex ({exc})") from None
+            if rx.fullmatch(""):
+                raise ValueError(f"pattern {pat!r} matches the empty string; it must match some text")
+        return v
+
+
 class DataConfig(_Section):
     path: str | None = None  # file, folder, saved HF dataset dir or hub name; None = embedded
     eval_path: str | None = None  # separate eval file; None = hold out eval_fraction
@@ -63,6 +90,7 @@ class DataConfig(_Section):
     bad_rows: Literal["skip", "fail"] = "skip"
     seed: int = 0
     tokenizer: TokenizerConfig = TokenizerConfig()
+    redact: RedactConfig = RedactConfig()
 
 
 class TrainConfig(_Section):

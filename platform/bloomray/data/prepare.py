@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 from bloomray.config import Config
 from bloomray.data.corpus import DataError, Rows, read_documents, read_rows
 from bloomray.data.packing import encode_classification, pack_blocks, split_indices, tokenize_documents
+from bloomray.data.redact import Redactor, placeholders, redacted, redaction_stats
 from bloomray.data.tokenizer import TokenizerError, load_tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -107,10 +108,15 @@ def _prepare_causal(cfg: Config, tok: PreTrainedTokenizerBase | None) -> Prepare
     d = cfg.data
     docs, rows = read_documents(d.path, d.text_column, d.bad_rows)
     docs = docs[: d.max_documents] if d.max_documents else docs
-    tok = tok or train_tokenizer(docs, d.tokenizer.vocab_size, d.tokenizer.min_frequency)
+    redact = Redactor.from_config(d.redact)
+    docs = redacted(redact, docs)
+    tok = tok or train_tokenizer(
+        docs, d.tokenizer.vocab_size, d.tokenizer.min_frequency, placeholders(redact)
+    )
     blocks = pack_blocks(tokenize_documents(tok, docs), d.block_size)
     if d.eval_path:
         eval_docs, _ = read_documents(d.eval_path, d.text_column, d.bad_rows)
+        eval_docs = redacted(redact, eval_docs)
         train_blocks = blocks
         eval_blocks = pack_blocks(tokenize_documents(tok, eval_docs), d.block_size)
     else:
@@ -129,6 +135,7 @@ def _prepare_causal(cfg: Config, tok: PreTrainedTokenizerBase | None) -> Prepare
         "block_size": d.block_size,
         "train_tokens": int(train_blocks.size),
         "vocab_size": len(tok),
+        **redaction_stats(redact),
     }
     return PreparedData(tok, {"input_ids": train_blocks}, {"input_ids": eval_blocks}, None, stats)
 
@@ -152,7 +159,11 @@ def _prepare_classification(cfg: Config, tok: PreTrainedTokenizerBase | None) ->
         tr, ev = split_indices(len(texts), d.eval_fraction, d.seed)
         etexts, elabels = [texts[i] for i in ev], labels[ev]
         texts, labels = [texts[i] for i in tr], labels[tr]
-    tok = tok or train_tokenizer(texts, d.tokenizer.vocab_size, d.tokenizer.min_frequency)
+    redact = Redactor.from_config(d.redact)
+    texts, etexts = redacted(redact, texts), redacted(redact, etexts)
+    tok = tok or train_tokenizer(
+        texts, d.tokenizer.vocab_size, d.tokenizer.min_frequency, placeholders(redact)
+    )
     train = {**encode_classification(tok, texts, d.block_size), "labels": labels}
     evald = {**encode_classification(tok, etexts, d.block_size), "labels": elabels}
     stats = {
@@ -163,6 +174,7 @@ def _prepare_classification(cfg: Config, tok: PreTrainedTokenizerBase | None) ->
         "bad_rows": rows.bad,
         "bad_row_examples": rows.bad_examples,
         "vocab_size": len(tok),
+        **redaction_stats(redact),
     }
     if rows.bad:
         log.warning("skipped %d bad rows, e.g. %s", rows.bad, rows.bad_examples[:3])

@@ -30,6 +30,7 @@ from bloomray.config import Config
 from bloomray.data.corpus import DataError, Rows, read_rows
 from bloomray.data.packing import split_indices
 from bloomray.data.prepare import PreparedData
+from bloomray.data.redact import Redactor, placeholders, redaction_stats
 from bloomray.data.tokenizer import ensure_chat_template, train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -165,18 +166,21 @@ def encode_examples(
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}, len(pairs) - len(kept)
 
 
-def _train_on_rendered(conversations: list[Messages], vocab_size: int, min_frequency: int) -> Any:
+def _train_on_rendered(
+    conversations: list[Messages], vocab_size: int, min_frequency: int, extra_tokens: list[str]
+) -> Any:
     """A byte-level BPE trained on the conversations as its chat template renders them.
 
     A first BPE on the message text only carries the template (every trained tokenizer gets
     the plain one); the second learns the template's own words ("User:", "Assistant:") too,
     which keeps examples short. EOS is left out: BPE training would split it into characters.
+    ``extra_tokens`` (redaction placeholders) are added whole to the final tokenizer.
     """
     draft = train_tokenizer([m["content"] for c in conversations for m in c], vocab_size, min_frequency)
     rendered = [
         draft.apply_chat_template(c, tokenize=False).replace(draft.eos_token, "") for c in conversations
     ]
-    return train_tokenizer(rendered, vocab_size, min_frequency)
+    return train_tokenizer(rendered, vocab_size, min_frequency, extra_tokens)
 
 
 def prepare_sft(cfg: Config, tok: PreTrainedTokenizerBase | None) -> PreparedData:
@@ -207,8 +211,12 @@ def prepare_sft(cfg: Config, tok: PreTrainedTokenizerBase | None) -> PreparedDat
             raise DataError(f"{d.path}: {len(convs)} usable example; need at least 2 to hold one out")
         tr, ev = split_indices(len(convs), d.eval_fraction, d.seed)
         convs, eval_convs = [convs[i] for i in tr], [convs[i] for i in ev]
+    redact = Redactor.from_config(d.redact)
+    if redact:  # every message, system and earlier turns included, before any tokenizer sees it
+        convs, eval_convs = [redact.messages(c) for c in convs], [redact.messages(c) for c in eval_convs]
     tok = ensure_chat_template(
-        tok or _train_on_rendered(convs, d.tokenizer.vocab_size, d.tokenizer.min_frequency)
+        tok
+        or _train_on_rendered(convs, d.tokenizer.vocab_size, d.tokenizer.min_frequency, placeholders(redact))
     )
     train, dropped = encode_examples(tok, convs, d.block_size)
     evald, eval_dropped = encode_examples(tok, eval_convs, d.block_size)
@@ -229,5 +237,6 @@ def prepare_sft(cfg: Config, tok: PreTrainedTokenizerBase | None) -> PreparedDat
         "seq_len": int(train["input_ids"].shape[1]),
         "train_response_tokens": int((train["labels"] != IGNORE).sum()),
         "vocab_size": len(tok),
+        **redaction_stats(redact),
     }
     return PreparedData(tok, train, evald, None, stats)

@@ -7,7 +7,8 @@ server reload it with ``AutoTokenizer.from_pretrained``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -72,9 +73,20 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     return ensure_chat_template(tok)
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE tokenizer (every byte representable; no <unk> in practice)."""
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int, min_frequency: int = 2, extra_tokens: Sequence[str] = ()
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer (every byte representable; no <unk> in practice).
+
+    ``extra_tokens`` (the redaction placeholders) become whole tokens after the BLOOM
+    specials' ids: left out of the BPE training text, added as normal (not special) tokens
+    so they are one id each and survive ``decode(skip_special_tokens=True)``.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if extra_tokens:
+        extra = re.compile("|".join(map(re.escape, extra_tokens)))
+        texts = (extra.sub("", t) for t in texts)
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -95,4 +107,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
         pad_token="<pad>",
         padding_side="left",  # generation pads on the left; training packs, so never pads
     )
+    if extra_tokens:
+        fast.add_tokens(list(extra_tokens))
     return ensure_chat_template(fast)

@@ -143,6 +143,7 @@ def llm_deployment(name: str, meta: dict[str, Any], opts: ServeOptions) -> serve
         "enforce_eager": not gpu,  # CPU: no graph capture / compile step at start
         "max_logprobs": 5,
         "seed": 0,
+        "enable_log_requests": False,  # vLLM would log prompts (at DEBUG) and request params
     }
     env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     placement = None

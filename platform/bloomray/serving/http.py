@@ -4,6 +4,7 @@ every status, unknown routes and backpressure included, and never a stack trace.
 from __future__ import annotations
 
 import logging
+import traceback
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -41,7 +42,10 @@ async def _validation(request: Request, exc: RequestValidationError) -> JSONResp
 
 @api.exception_handler(Exception)
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error")  # the replica log has the trace; the client never does
+    # The replica log gets the type and the stack, not the message: an exception's text can
+    # quote a prompt or a completion. The client gets neither.
+    stack = "".join(traceback.format_tb(exc.__traceback__))
+    log.error("unhandled %s on %s\n%s", type(exc).__name__, request.url.path, stack)
     return _json_error(APIError(500, "internal server error", code="internal_error"))
 
 
