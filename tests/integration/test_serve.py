@@ -10,6 +10,8 @@ import asyncio
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -267,28 +269,69 @@ def test_errors_keep_one_shape(server):
     )
 
 
+@contextmanager
+def _engine_paused(app: str = "bloomray", deployment: str = "LLMServer:tiny"):
+    """The real vLLM engine frozen: ``pause(mode="keep")`` (vLLM ``pause_generation``) stops
+    its scheduler, so requests are accepted and queued but no step runs and no token is made
+    until ``resume``; admitted requests hold their place however fast the machine is."""
+    from ray import serve
+
+    engine = serve.get_deployment_handle(deployment, app_name=app)
+    engine.pause.remote(mode="keep", clear_cache=False).result(timeout_s=60)
+    try:
+        yield
+    finally:
+        engine.resume.remote().result(timeout_s=60)
+
+
+def _wait_queue_depth(units: int, app: str = "bloomray") -> None:
+    """Poll the ingress's bloomray_queue_depth gauge (Ray exports it every second) until it
+    reads ``units``: the requests sent so far are admitted and hold their slots."""
+    deadline, depth = time.time() + 60, None
+    while time.time() < deadline:
+        depth = engine_metric("bloomray_queue_depth", default=-1.0, application=app)
+        if depth == units:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"queue depth stayed at {depth}, never {units}")
+
+
 def test_full_queue_answers_503_counting_prompts(server):
-    """max_queue=24 prompts x n: four requests of 8 prompts cannot all be in flight at once."""
+    """max_queue=24 counts prompts x n, not requests. Deterministic: with the engine paused
+    nothing finishes, so requests are sent one at a time and each is seen admitted (the queue
+    gauge) before the next; 8 + 8 + 2x4 prompts fill the queue and a 4th request of one
+    prompt gets 503 queue_full. On resume the three admitted ones complete in full."""
+    tokens = 16
+    fill = [
+        {"prompt": [f"Load {i}" for i in range(8)]},
+        {"prompt": [f"More {i}" for i in range(8)]},
+        {"prompt": ["Two", "prompts"], "n": 4, "seed": 3},
+    ]
 
-    async def flood():
-        async with httpx.AsyncClient(timeout=120, headers=HDR) as client:
-            body = {
-                "model": "tiny",
-                "prompt": [f"Load {i}" for i in range(8)],
-                "max_tokens": 200,
-                "ignore_eos": True,
-            }
-            return await asyncio.gather(
-                *(client.post(f"{server}/v1/completions", json=body) for _ in range(4))
-            )
+    def completion(body: dict) -> httpx.Response:
+        full = {"model": "tiny", "max_tokens": tokens, "ignore_eos": True, **body}
+        return post(server, "/v1/completions", full)
 
-    responses = asyncio.run(flood())
-    codes = sorted(r.status_code for r in responses)
-    assert codes == [200, 200, 200, 503], codes
-    r503 = next(r for r in responses if r.status_code == 503)
-    assert r503.headers["retry-after"] == "1" and r503.json()["error"]["code"] == "queue_full"
-    ok = next(r for r in responses if r.status_code == 200)
-    assert ok.json()["usage"]["completion_tokens"] == 8 * 200
+    with ThreadPoolExecutor(len(fill)) as pool:
+        with _engine_paused():
+            admitted, depth = [], 0
+            for body in fill:
+                admitted.append(pool.submit(completion, body))
+                depth += len(body["prompt"]) * body.get("n", 1)
+                _wait_queue_depth(depth)
+            rejected = completion({"prompt": "One more"})
+            assert not any(f.done() for f in admitted), "a request finished on a paused engine"
+        done = [f.result() for f in admitted]
+    assert rejected.status_code == 503, rejected.text
+    assert rejected.headers["retry-after"] == "1"
+    err = rejected.json()["error"]
+    assert err["code"] == "queue_full" and "24 prompts in flight" in err["message"]
+    assert [r.status_code for r in done] == [200, 200, 200], [r.text for r in done]
+    assert [r.json()["usage"]["completion_tokens"] for r in done] == [8 * tokens] * 3
+    assert [c["index"] for c in done[2].json()["choices"]] == list(range(8))
+    _wait_queue_depth(0)  # every slot came back: a full 8 x 3 request is admitted again
+    again = post(server, "/v1/completions", {"model": "tiny", "prompt": ["a"] * 8, "n": 3, "max_tokens": 1})
+    assert again.status_code == 200, again.text
 
 
 def _tokens_generated_after(server_metric_before: float, settle_s: float = 3.0) -> float:
@@ -304,7 +347,13 @@ def _tokens_generated_after(server_metric_before: float, settle_s: float = 3.0) 
 
 
 def test_timeout_504_stops_the_generation(server):
-    """A 1,000-token generation behind a 0.3 s timeout: 504, and the engine stops it."""
+    """A request past request_timeout_s gets 504, and the engine request is cancelled.
+
+    Deterministic: the real engine is paused (see _engine_paused), so the 1,000-token
+    generation cannot finish within the 1 s timeout however fast the machine is. After the
+    504 the engine resumes; had the ingress not cancelled the engine request, vLLM would now
+    run all of its 1,000 tokens, so the token counter must grow by fewer than that.
+    """
     from ray import serve
 
     from bloomray.serving.ingress import BloomIngress
@@ -315,16 +364,17 @@ def test_timeout_504_stops_the_generation(server):
         engines={"tiny": engine},
         classifiers={},
         models={"tiny": {"task": "causal_lm"}},
-        options={**{k: v for k, v in SERVER.items() if "deployment" not in k}, "request_timeout_s": 0.3},
+        options={**{k: v for k, v in SERVER.items() if "deployment" not in k}, "request_timeout_s": 1.0},
     )
     serve.run(slow, name="slow", route_prefix="/slow")
     try:
         before = _tokens_generated_after(0.0, settle_s=2.0)
         body = {"model": "tiny", "prompt": "Slow", "max_tokens": 1000, "ignore_eos": True}
-        r = post(f"{server}/slow", "/v1/completions", body)
+        with _engine_paused():
+            r = post(f"{server}/slow", "/v1/completions", body)
         assert r.status_code == 504, r.text
         assert r.json()["error"]["code"] == "timeout" and "Traceback" not in r.text
-        assert _tokens_generated_after(before) < 500, "the timed-out generation kept running"
+        assert _tokens_generated_after(before) < 1000, "the timed-out generation ran on after the 504"
     finally:
         serve.delete("slow")
 

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from bloomray.config import ConfigError, load_config
+from bloomray.export.load import load_model
 from bloomray.model.build import count_parameters
-from bloomray.model.load import load_model
-from bloomray.tune.driver import resume_tune, run_tune
+from bloomray.tune.driver import run_tune
 
 pytestmark = pytest.mark.integration
 
@@ -100,13 +106,72 @@ def test_impossible_range_fails_before_ray(tmp_path):
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
-def test_resume_of_a_search_keeps_its_trials_and_winner(search):
-    out, summary = search
-    again = resume_tune(out)
-    assert again["trials"] == summary["trials"]
-    assert again["winner"]["trial_id"] == summary["winner"]["trial_id"]
+# Three trials that all finish (FIFO: none stopped early), two at a time, one worker and
+# 8 steps each.
+RESUME_SEARCH = [
+    *SMALL_SEARCH[:3],
+    "scaling.num_workers=1",
+    "train.max_steps=8",
+    "train.log_every=4",
+    "train.checkpoint_every=8",
+    "train.eval_max_batches=2",
+    "prune.update_every=2",
+    "tune.search=grid",
+    "tune.num_samples=1",
+    "tune.scheduler=fifo",
+    "train.max_failures=0",
+    "tune.max_concurrent_trials=2",
+    "tune.space={prune.final_sparsity: {type: grid, values: [0.25, 0.5, 0.75]}}",
+]
+
+
+def _bloomray(log: Path, *args: str) -> subprocess.Popen:
+    """``python -m bloomray.cli ARGS`` as its own Ray driver on the test Ray, output to ``log``."""
+    import ray
+
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    with log.open("ab") as f:
+        return subprocess.Popen(
+            [sys.executable, "-m", "bloomray.cli", *args], env=env, stdout=f, stderr=subprocess.STDOUT
+        )
+
+
+def _finished_trials(out: Path) -> dict[str, str]:
+    """{trial_id: its summary.json}: the last file a trial writes (after its export)."""
+    return {p.parent.name: p.read_text() for p in (out / "trials").glob("*/summary.json")}
+
+
+def test_resume_after_the_driver_is_killed_mid_search(tmp_path, ray_local):
+    """SIGKILL the search driver once 2 of the 3 trials have finished; ``bloomray tune --resume``
+    keeps those two (not re-run: one attempt each, results untouched), runs the third, and
+    picks a winner among all three. The trials run two at a time, so the third cannot have
+    finished when the second does (it starts only when the first ends)."""
+    out, log = tmp_path / "search", tmp_path / "driver.log"
+    sets = [a for o in RESUME_SEARCH for a in ("--set", o)]
+    driver = _bloomray(log, "tune", "--config", "tune-tiny-cpu", "--output", str(out), *sets)
+    deadline = time.time() + 600
+    while driver.poll() is None and len(_finished_trials(out)) < 2 and time.time() < deadline:
+        time.sleep(0.5)
+    assert driver.poll() is None, f"the driver exited ({driver.returncode}):\n{log.read_text()[-3000:]}"
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    finished = _finished_trials(out)
+    assert len(finished) == 2, (list(finished), log.read_text()[-3000:])
+
+    resumed = _bloomray(log, "tune", "--resume", str(out))
+    assert resumed.wait(timeout=600) == 0, log.read_text()[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["trials"] == 3 and summary["completed"] == 3 and not summary["failed"], summary
+    rows = {r["trial_id"]: r for r in csv.DictReader((out / "trials.csv").open())}
+    assert set(finished) < set(rows) and {r["status"] for r in rows.values()} == {"COMPLETED"}
+    for trial_id, before in finished.items():
+        assert (out / "trials" / trial_id / "attempts").read_text() == "1", f"{trial_id} was re-run"
+        assert (out / "trials" / trial_id / "summary.json").read_text() == before
+        assert float(rows[trial_id]["eval_loss"]) == json.loads(before)["eval_loss"]
+    assert len(_finished_trials(out)) == 3
+    assert summary["winner"]["trial_id"] in rows and (out / "winner" / "config.json").exists()
     with pytest.raises(ConfigError, match="--resume"):
-        run_tune(load_config("tune-tiny-cpu", SMALL_SEARCH), out)
+        run_tune(load_config("tune-tiny-cpu", RESUME_SEARCH), out)
 
 
 def test_optuna_search_with_asha_completes(tmp_path, ray_local):
