@@ -25,6 +25,11 @@ def test_cluster_yaml_parses_and_has_gpu_workers_and_setup():
     assert setup.index("torch==") < setup.index("-e ~/bloomray")
     assert "/mnt/shared" in setup
     assert any("ray start --head" in c for c in cfg["head_start_ray_commands"])
+    # Token auth is set explicitly on every node (Ray 2.60 defaults it on only for local clusters).
+    starts = [
+        c for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"] if "ray start" in c
+    ]
+    assert len(starts) == 2 and all("RAY_AUTH_MODE=token " in c for c in starts), starts
 
 
 def test_gpu_presets_point_checkpoints_at_shared_storage():
