@@ -178,10 +178,16 @@ def test_optuna_search_with_asha_completes(tmp_path, ray_local):
     cfg = load_config(
         "tune-tiny-cpu",
         [
-            *SMALL_SEARCH[:8],
+            *SMALL_SEARCH[:3],
+            "scaling.num_workers=1",  # what is tested is the search algorithm, not the trial
+            "train.max_steps=8",
+            "train.log_every=4",
+            "train.checkpoint_every=8",
+            "train.eval_max_batches=2",
+            "prune.update_every=2",
             "tune.search=optuna",
             "tune.num_samples=2",
-            "tune.grace_period=3",
+            "tune.grace_period=1",
             "tune.space={train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-2}, "
             "prune.final_sparsity: {type: uniform, low: 0.2, high: 0.6}}",
         ],
