@@ -262,7 +262,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from bloomray.demo import run_demo
 
-    run_demo(Path(args.output), args.overrides, trials=args.trials)
+    run_demo(Path(args.output), args.overrides, trials=args.trials, verbose=args.verbose)
     return 0
 
 

@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import shutil
 import socket
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from bloomray.config import ConfigError, load_config
 from bloomray.export.run import run_training
+from bloomray.train.progress import PROGRESS_FILE
 
 
 def _banner(text: str) -> None:
@@ -49,20 +54,54 @@ def claim_output(output: Path) -> Path:
     return output
 
 
-def run_demo(output: Path, overrides: list[str] | None = None, trials: int = 4) -> dict:
+# The demo's pretraining on top of the tiny-cpu preset: one compiled ZeRO-0 worker on both
+# cores (the fastest setting here, see the README's benchmarks) and enough steps that the served
+# model writes text that reads like the corpus. The user's --set overrides come after these.
+PRETRAIN = [
+    "train.max_steps=400",
+    "train.compile=true",
+    "scaling.num_workers=1",
+    "scaling.cpus_per_worker=2",
+    "deepspeed.zero_stage=0",
+    "train.warmup_steps=20",
+    "train.log_every=50",
+    "train.eval_every=400",
+    "train.checkpoint_every=400",
+    "train.eval_max_batches=32",
+]
+
+# What the demo's requests ask for: sampled as a user would (greedy decoding of a small model
+# loops), with a mild frequency penalty against repeats.
+SAMPLING = {"temperature": 0.7, "top_p": 0.9, "frequency_penalty": 0.5, "seed": 0}
+
+
+def run_demo(
+    output: Path, overrides: list[str] | None = None, trials: int = 4, verbose: bool = False
+) -> dict:
     """Run every stage; the output dir is replaced (only one an earlier demo made), so
-    ``make demo`` can run again."""
+    ``make demo`` can run again. Without ``verbose`` Ray's own log lines stay in its log files."""
     import ray
 
+    from bloomray.raycluster import QUIET_ENV
+
     output = claim_output(output)
+    if not verbose:
+        os.environ[QUIET_ENV] = "1"
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's legacy reporter: silent at verbose=0
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     start = time.time()
 
-    _banner("1/4 pretrain: small BLOOM on the embedded corpus (Ray Train + DeepSpeed ZeRO-2 bf16)")
-    cfg = load_config("tiny-cpu", overrides)
-    pre = run_training(cfg, output / "pretrain")
+    _banner("1/4 pretrain: small BLOOM on the embedded corpus (Ray Train + DeepSpeed, bf16, compiled)")
+    cfg = load_config("tiny-cpu", [*PRETRAIN, *(overrides or [])])
+    with _echo_progress(output / "pretrain" / "logs" / PROGRESS_FILE, enabled=not verbose):
+        pre = run_training(cfg, output / "pretrain")
     print(
         f"[demo] pretrained: eval loss {pre['initial_eval_loss']:.3f} -> {pre['eval_loss']:.3f} "
-        f"in {pre['steps']} steps, {pre['tokens_per_s']:,.0f} tok/s",
+        f"(perplexity {pre['eval_perplexity']:.1f}) in {pre['steps']} steps, "
+        f"{pre['tokens_per_s']:,.0f} tok/s, {time.time() - start:.0f}s",
         flush=True,
     )
 
@@ -80,11 +119,16 @@ def run_demo(output: Path, overrides: list[str] | None = None, trials: int = 4) 
     )
     search = run_tune(tcfg, output / "tune")
     _print_pareto(output / "tune" / "trials.csv", search)
+    gain = compare(Path(pre["model_dir"]), Path(search["winner_dir"]), pre, search)
 
     _banner("3/4 serve: the winner on vLLM (Ray Serve LLM), autoscaling 1-2 replicas, OpenAI-style HTTP")
     from ray import serve
 
     from bloomray.serving.run import DEFAULT_CONFIG, start_server
+
+    if not verbose:  # Serve's and Ray Serve LLM's driver-side INFO lines (deployment options, ...)
+        for name in ("ray", "ray.serve", "ray.llm"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
     os.environ.setdefault("BLOOMRAY_API_KEYS", os.urandom(16).hex())
     port = _free_port()
@@ -114,7 +158,8 @@ def run_demo(output: Path, overrides: list[str] | None = None, trials: int = 4) 
     serve.shutdown()
     ray.shutdown()
 
-    print(f"\n[demo] done in {time.time() - start:.0f}s. Artifacts:")
+    print(f"\n[demo] done in {time.time() - start:.0f}s. {gain}")
+    print("[demo] artifacts:")
     for label, path in [
         ("pretrained model", pre["model_dir"]),
         ("pretrain summary", output / "pretrain" / "summary.json"),
@@ -128,6 +173,62 @@ def run_demo(output: Path, overrides: list[str] | None = None, trials: int = 4) 
     ]:
         print(f"  {label:<20} {path}")
     return {"pretrain": pre, "tune": search}
+
+
+@contextmanager
+def _echo_progress(path: Path, enabled: bool) -> Iterator[None]:
+    """While the block runs, print each new line of the run's progress file (rank 0's step lines,
+    which quiet mode keeps off the console along with the rest of Ray's worker output)."""
+    if not enabled:
+        yield
+        return
+    stop = threading.Event()
+
+    def tail() -> None:
+        seen, done = 0, False
+        while not done:
+            done = stop.wait(1.0)  # one last read after the block ended
+            if path.is_file():
+                lines = path.read_text().splitlines()
+                for line in lines[seen:]:
+                    print(line, flush=True)
+                seen = len(lines)
+
+    thread = threading.Thread(target=tail, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def compare(dense_dir: Path, winner_dir: Path, pre: dict, search: dict) -> str:
+    """One line: the winner's quality, size and CPU forward latency against the dense model it
+    was pruned from (latencies timed here, alternating the two models, best of 3 rounds)."""
+    import math
+
+    import torch
+
+    from bloomray.export.latency import forward_latency_ms
+    from bloomray.export.load import load_model
+    from bloomray.model.build import count_parameters
+
+    models = {"dense": load_model(dense_dir), "winner": load_model(winner_dir)}
+    best = {k: math.inf for k in models}
+    with torch.inference_mode():
+        for _ in range(3):
+            for k, m in models.items():
+                best[k] = min(best[k], forward_latency_ms(m, repeats=5))
+    params = {k: count_parameters(m) for k, m in models.items()}
+    w = search["winner"]
+    ppl = math.exp(w["eval_loss"]) if w.get("eval_loss") is not None else float("nan")
+    return (
+        f"Winner vs dense: perplexity {ppl:.1f} vs {pre['eval_perplexity']:.1f}, "
+        f"{params['winner'] / 1e6:.2f}M vs {params['dense'] / 1e6:.2f}M parameters "
+        f"({1 - params['winner'] / params['dense']:.0%} fewer), forward "
+        f"{best['winner']:.1f} ms vs {best['dense']:.1f} ms ({best['dense'] / best['winner']:.2f}x faster on this CPU)."
+    )
 
 
 def _print_pareto(trials_csv: Path, search: dict) -> None:
@@ -153,7 +254,7 @@ def _send_requests(url: str, key: str) -> None:
     import httpx
 
     headers = {"Authorization": f"Bearer {key}"}
-    body = {"model": "winner", "prompt": "The for statement", "max_tokens": 24, "temperature": 0}
+    body = {"model": "winner", "prompt": "The for statement", "max_tokens": 32, **SAMPLING}
     r = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=120)
     print(
         f"[demo] POST /v1/completions -> {r.status_code}: {json.dumps(r.json()['choices'][0]['text'])} "

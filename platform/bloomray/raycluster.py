@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -18,6 +19,16 @@ def worker_env(use_gpu: bool) -> dict[str, str]:
     }
 
 
+# Set (to 1) by `bloomray demo` without -v: Ray's own log lines (workers, actors, Tune's
+# tables) stay in Ray's log files instead of the console; bloomray prints its own progress.
+QUIET_ENV = "BLOOMRAY_QUIET"
+
+
+def quiet() -> bool:
+    """Whether Ray's own output is kept off the console (see ``QUIET_ENV``)."""
+    return os.environ.get(QUIET_ENV, "0") == "1"
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: Any) -> None:
     """Join the configured cluster, or start a local Ray; no-op if already connected.
 
@@ -29,6 +40,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: 
         return
     address = address or os.environ.get("RAY_ADDRESS")
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
+    if quiet():  # worker and actor output stays in /tmp/ray/session_latest/logs
+        kwargs = {"log_to_driver": False, "logging_level": logging.WARNING, **kwargs}
     if address:
         ray.init(address=address, **kwargs)
     else:

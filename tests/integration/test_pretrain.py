@@ -46,6 +46,10 @@ def test_output_contract(pretrained):
     assert list((out / "logs" / "tensorboard").rglob("events.out.tfevents.*"))
     assert (out / "logs" / "mlflow.db").exists()
     assert on_disk["tokens_per_s"] > 0 and 0 < on_disk["mfu"] < 1
+    # rank 0's console lines, one per log step, also in a file (what the quiet demo echoes)
+    progress = (out / "logs" / "progress.txt").read_text().splitlines()
+    steps = [int(line.split(" | ")[0].removeprefix("[bloomray] step ").split("/")[0]) for line in progress]
+    assert {10, 20, 30} <= set(steps) and steps == sorted(set(steps)) and steps[-1] == 30, progress
 
 
 def test_loss_falls_on_embedded_corpus(pretrained):
@@ -120,4 +124,3 @@ def test_new_output_dir_refuses_existing_run(pretrained):
 
     with pytest.raises(ConfigError, match="--resume"):
         run_training(load_config("tiny-cpu", TINY), out)
-

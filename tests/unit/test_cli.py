@@ -237,12 +237,16 @@ def test_demo_passes_output_and_overrides(tmp_path: Path, capsys, monkeypatch):
 
     calls = []
     monkeypatch.setattr(
-        demo, "run_demo", lambda output, overrides, trials: calls.append((output, overrides, trials))
+        demo,
+        "run_demo",
+        lambda output, overrides, trials, verbose: calls.append((output, overrides, trials, verbose)),
     )
     argv = ["demo", "--output", str(tmp_path / "d"), "--set", "train.max_steps=2", "--trials", "2"]
     code, _, _ = run_main(argv, capsys)
     assert code == 0
-    assert calls == [(tmp_path / "d", ["train.max_steps=2"], 2)]
+    assert calls == [(tmp_path / "d", ["train.max_steps=2"], 2, False)]
+    assert run_main(["-v", *argv], capsys)[0] == 0
+    assert calls[-1][3] is True  # -v: Ray's own log lines on the console too
 
 
 # ---------------------------------------------------------------- errors: one line or a traceback
@@ -265,7 +269,7 @@ ERROR_KINDS = [
 def _demo_raises(monkeypatch, exc: BaseException) -> None:
     import bloomray.demo as demo
 
-    def boom(output, overrides, trials):
+    def boom(output, overrides, trials, verbose):
         raise exc
 
     monkeypatch.setattr(demo, "run_demo", boom)
@@ -344,3 +348,21 @@ def test_demo_replaces_only_a_dir_it_created(tmp_path: Path):
     assert again == out and sorted(p.name for p in out.iterdir()) == [DEMO_MARKER]
     (tmp_path / "empty").mkdir()
     assert (claim_output(tmp_path / "empty") / DEMO_MARKER).is_file()  # an empty dir holds nothing to lose
+
+
+def test_quiet_mode_keeps_ray_output_off_the_console(monkeypatch):
+    """BLOOMRAY_QUIET=1 (the demo without -v): ray.init gets log_to_driver=False."""
+    import ray
+
+    import bloomray.raycluster as rc
+
+    seen = {}
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
+    monkeypatch.setenv(rc.QUIET_ENV, "1")
+    rc.init_ray(num_cpus=2)
+    assert seen["log_to_driver"] is False and seen["num_cpus"] == 2
+    seen.clear()
+    monkeypatch.setenv(rc.QUIET_ENV, "0")
+    rc.init_ray(num_cpus=2)
+    assert "log_to_driver" not in seen

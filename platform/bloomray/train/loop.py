@@ -31,6 +31,7 @@ from bloomray.train.metrics import (
     peak_flops,
     peak_memory_mb,
 )
+from bloomray.train.progress import append_progress
 from bloomray.train.restore import restore_latest
 
 
@@ -132,7 +133,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if do_eval:
             metrics.update(evaluate(engine, cfg.task, evals, device, plan.num_labels))
         if is_rank0:
-            print("[bloomray] " + format_progress(step, total, metrics), flush=True)
+            line = "[bloomray] " + format_progress(step, total, metrics)
+            print(line, flush=True)
+            append_progress(plan.log_dir, line)  # `tail -f OUTPUT/logs/progress.txt`; the quiet demo reads it
             export_step(plan.run_name, metrics, total)  # Prometheus gauges (deploy/monitoring)
             if sinks:
                 sinks.log(step, metrics)

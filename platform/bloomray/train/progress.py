@@ -20,6 +20,15 @@ from ray.train import UserCallback
 from bloomray.files import atomic_write_text
 
 INDEX_FILE = "checkpoints.json"
+PROGRESS_FILE = "progress.txt"
+
+
+def append_progress(log_dir: str | Path, line: str) -> None:
+    """Append one progress line (rank 0, each log step) to ``log_dir/progress.txt``."""
+    path = Path(log_dir) / PROGRESS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(line + "\n")
 
 
 def index_path(out: Path) -> Path:

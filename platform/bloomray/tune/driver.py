@@ -24,7 +24,7 @@ from ray import tune
 from bloomray.config import Config, ConfigError, dump_config, load_config
 from bloomray.data.prepare import PreparedData, prepare_data
 from bloomray.files import atomic_dir, atomic_write_text
-from bloomray.raycluster import init_ray
+from bloomray.raycluster import init_ray, quiet
 from bloomray.train.checkpoint import read_tokenizer_files
 from bloomray.tune.select import Candidate, choose_winner, pareto_front
 from bloomray.tune.space import check_space, param_space, trial_config
@@ -67,6 +67,23 @@ def _trial(
     tune.report({**final, FINAL_KEY: 1, "model_dir": summary.get("model_dir", "")})
 
 
+class TrialLines(tune.Callback):
+    """Quiet mode's console output of a search: one line per trial that ends (Tune's own
+    status tables are off)."""
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        r = trial.last_result or {}
+        loss = r.get("eval_loss")
+        print(
+            f"[tune] trial {trial.trial_id} finished: eval loss {'-' if loss is None else f'{loss:.3f}'}, "
+            f"sparsity {r.get('sparsity') or 0:.2f}, {r.get('tokens_per_s') or 0:,.0f} tok/s",
+            flush=True,
+        )
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        print(f"[tune] trial {trial.trial_id} failed (retried up to tune.max_failures)", flush=True)
+
+
 def build_tuner(cfg: Config, out: Path, trainable: Any) -> tune.Tuner:
     """The Tuner: search algorithm, ASHA on the quality metric, retries, concurrency."""
     t = cfg.tune
@@ -96,7 +113,8 @@ def build_tuner(cfg: Config, out: Path, trainable: Any) -> tune.Tuner:
             name="tune",
             storage_path=str(out),
             failure_config=tune.FailureConfig(max_failures=t.max_failures),
-            verbose=1,
+            verbose=0 if quiet() else 1,  # quiet: one line per finished trial instead
+            callbacks=[TrialLines()] if quiet() else None,
         ),
     )
 
