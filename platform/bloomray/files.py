@@ -16,6 +16,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def _default_mode() -> int:
+    """A new file's mode under this process's umask (read once: ``os.umask`` can only be read by
+    setting it, which is process-wide and would race with threads creating files)."""
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_DEFAULT_MODE = _default_mode()
+
+
 def atomic_write_text(path: str | Path, text: str, mode: int | None = None) -> Path:
     """Write ``text`` to ``path`` through a temp file in the same dir and ``os.replace``.
 
@@ -29,11 +40,7 @@ def atomic_write_text(path: str | Path, text: str, mode: int | None = None) -> P
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
-        if mode is None:
-            umask = os.umask(0)
-            os.umask(umask)
-            mode = 0o666 & ~umask
-        os.chmod(tmp, mode)
+        os.chmod(tmp, _DEFAULT_MODE if mode is None else mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
