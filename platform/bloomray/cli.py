@@ -3,6 +3,9 @@
 A :class:`~bloomray.errors.BloomrayError` (bad input: exit 2; failed work: exit 1) prints as
 one line ``bloomray: error: <message>``; anything else is a bug and prints its full traceback
 (exit 1). ``-v`` (before or after the verb) adds debug logging and the traceback of every error.
+
+Longer than 300 lines: the parser of every verb is one table that ``--help`` prints and a
+reader scans top to bottom; each verb's work is one call into the library.
 """
 
 from __future__ import annotations
@@ -25,9 +28,12 @@ EPILOG = """examples:
   bloomray pretrain --resume outputs/tiny --set train.max_steps=120
   bloomray finetune --config classify-tiny-cpu --output outputs/cls --set data.path=reviews.csv
   bloomray finetune --config sft --output outputs/sft --set data.path=chats.jsonl
+  bloomray prepare-data --output data/corpus --set data.path=corpus/ --set model.path=bigscience/bloom-560m
+  bloomray pretrain --config tiny-cpu --output outputs/tiny --set data.path=data/corpus
   bloomray tune --config tune-tiny-cpu --output outputs/tune --set tune.num_samples=8
   bloomray tune --resume outputs/tune
   bloomray export --checkpoint outputs/tiny/checkpoints/checkpoint_... --output exported/
+  bloomray prune --model outputs/tiny/model --config tiny-cpu --output outputs/tiny-wanda --set prune.method=wanda
   bloomray demo
 
 exit codes: 0 done; 2 bad input (config, data, tokenizer, model or checkpoint path), one line
@@ -100,6 +106,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train, task=None)
 
     p = sub.add_parser(
+        "prepare-data",
+        help="tokenize a corpus in parallel (Ray Data) into memory-mapped token shards",
+        description="Read data.path (txt/jsonl/csv/parquet files, a folder of them, or a saved HF dataset) with "
+        "Ray Data, tokenize it across the cluster with the run's tokenizer (model.path's, data.tokenizer.path, or "
+        "a BPE trained on it for presets), split train/eval by document hash, and write OUTPUT/{index.json,"
+        "train-*.bin,eval-*.bin,tokenizer/}. Pass OUTPUT as data.path to pretrain or finetune.",
+    )
+    p.add_argument("--config", default="tiny-cpu", help="YAML file or preset name (default: tiny-cpu)")
+    p.add_argument("--output", required=True, help="dataset dir (on storage every node reads: NFS, a PVC)")
+    _add_set(p, "data.path=corpus/")
+    p.add_argument("--workers", type=int, help="tokenizer actors (default: the cluster's CPUs)")
+    p.add_argument("--shard-mb", type=int, default=256, help="shard size in MiB (default 256)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --output")
+    _add_address(p)
+    p.set_defaults(func=cmd_prepare_data)
+
+    p = sub.add_parser(
         "tune",
         help="Ray Tune search over learning rate and sparsity schedules",
         description="Search tune.space (ASHA on the quality metric, failed trials retried), measure every "
@@ -159,6 +182,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
+        "prune",
+        help="one-shot prune a model dir (Wanda, SparseGPT or magnitude) with calibration data",
+        description="Prune prune.targets of a trained model dir to prune.final_sparsity in one shot, with "
+        "prune.method wanda, sparsegpt or magnitude and prune.pattern unstructured or 2:4, calibrated on the "
+        "first prune.calibration_samples train blocks of data.* (tokenized with the model dir's own tokenizer). "
+        "Runs as one Ray task; writes OUTPUT as a sparse export with its model card and prints a JSON summary "
+        "(sparsity per weight kind, eval loss before and after).",
+    )
+    p.add_argument("--model", required=True, help="the model dir to prune (an export, e.g. OUTPUT/model)")
+    p.add_argument("--config", required=True, help="YAML file or preset name (data, prune, train.eval_*)")
+    p.add_argument("--output", required=True, help="target model dir (must not exist unless --overwrite)")
+    _add_set(p, "prune.method=sparsegpt")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    _add_address(p)
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser(
         "quantize",
         help="write a W8A8 int8 copy of a model dir for vLLM (compressed-tensors format)",
         description="Quantize the transformer-block Linear weights of an export to int8 (per output channel; "
@@ -216,6 +256,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare_data(args: argparse.Namespace) -> int:
+    from bloomray.data.tokens import prepare_dataset_dir
+
+    overrides = list(args.overrides) + ([f"ray.address={args.address}"] if args.address else [])
+    cfg = load_config(args.config, overrides)
+    ds = prepare_dataset_dir(cfg, Path(args.output), args.workers, args.shard_mb, args.overwrite)
+    splits = {s: {"documents": ds.documents(s), "tokens": ds.tokens(s)} for s in ("train", "eval")}
+    print(json.dumps({"dataset": str(ds.path), **splits, "bad_rows": ds.index["bad_rows"]}, indent=2))
+    return 0
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     from bloomray.tune.driver import resume_tune, run_tune
 
@@ -256,6 +307,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     info = export_checkpoint(args.checkpoint, args.output, overwrite=args.overwrite)
     print(json.dumps({"model_dir": str(Path(args.output).resolve()), **info}, indent=2))
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from bloomray.export.oneshot import prune_model_dir
+
+    overrides = list(args.overrides) + ([f"ray.address={args.address}"] if args.address else [])
+    cfg = load_config(args.config, overrides)
+    summary = prune_model_dir(args.model, cfg, args.output, overwrite=args.overwrite)
+    print(json.dumps(summary, indent=2))
     return 0
 
 

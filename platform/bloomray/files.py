@@ -8,6 +8,7 @@ This module is at the bottom of the package: it imports nothing from bloomray.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -84,3 +85,12 @@ def atomic_dir(out: str | Path, replace: bool = True) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def hash_dir(path: Path) -> str:
+    """sha256 over the files of a directory (names and contents, sorted)."""
+    h = hashlib.sha256()
+    for p in sorted(x for x in path.iterdir() if x.is_file()):
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()

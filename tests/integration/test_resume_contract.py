@@ -17,8 +17,9 @@ import bloomray.export.run as job_module
 import bloomray.train.run as run_module
 from bloomray.config import ConfigError, load_config
 from bloomray.export.run import run_training
+from bloomray.files import hash_dir
 from bloomray.train.engine import lr_multiplier
-from bloomray.train.resume import hash_dir, latest_checkpoint_meta
+from bloomray.train.resume import latest_checkpoint_meta
 from bloomray.train.run import checkpoint_location, resume_config
 
 pytestmark = pytest.mark.integration
@@ -84,6 +85,10 @@ def extended(tmp_path_factory, ray_local) -> dict[str, Any]:
     [
         ("train.micro_batch_size=4", "micro_batch_size: 8 → 4; resume with train.micro_batch_size=8"),
         ("data.block_size=32", "block_size: 64 → 32; resume with data.block_size=64"),
+        (  # bf16 ZeRO-2 state is partitioned per worker (test_elastic_resume: fp32 ZeRO-0 is not)
+            "scaling.num_workers=2",
+            "world_size: 1 → 2; resume with scaling.num_workers=1: this checkpoint's optimizer state is partitioned",
+        ),
     ],
 )
 def test_changed_setting_stops_before_ray(extended, monkeypatch, override: str, expected: str):

@@ -22,6 +22,8 @@ VERB_OPTIONS = {
     "tune": ["--config", "--output", "--set", "--resume", "--address"],
     "serve": ["--model", "--config", "--print-config", "--port", "--host", "--address"],
     "quantize": ["--model", "--output"],
+    "prune": ["--model", "--config", "--output", "--set", "--overwrite", "--address"],
+    "prepare-data": ["--config", "--output", "--set", "--workers", "--shard-mb", "--overwrite", "--address"],
 }
 
 

@@ -15,14 +15,23 @@ from bloomray.config.load import (
     resolve_preset,
     set_key,
 )
-from bloomray.config.schema import PRUNABLE_MODULES, Config, ConfigError, PruneConfig
+from bloomray.config.schema import (
+    ONESHOT_METHODS,
+    PRUNABLE_MODULES,
+    Config,
+    ConfigError,
+    PruneConfig,
+    check_trainable,
+)
 
 __all__ = [
+    "ONESHOT_METHODS",
     "PRUNABLE_MODULES",
     "Config",
     "ConfigError",
     "PruneConfig",
     "apply_override",
+    "check_trainable",
     "config_from_dict",
     "dump_config",
     "load_config",

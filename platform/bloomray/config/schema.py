@@ -1,5 +1,8 @@
 """The typed run configuration: its sections, their fields and limits, and the checks of
 settings that are each valid but cannot work together (``check_combinations``).
+
+Longer than 320 lines: every section of the config is one table that a reader scans top to
+bottom, next to the cross-section checks that refer to all of them.
 """
 
 from __future__ import annotations
@@ -114,6 +117,9 @@ class TrainConfig(_Section):
     # torch.compile the model (through DeepSpeed's engine.compile): faster steps after a
     # one-off compile of tens of seconds; pays off for long runs. ZeRO 0-2 only.
     compile: bool = False
+    # Each rank appends the example ids of every step to OUTPUT/logs/samples/ (JSONL): an audit
+    # that a run, resumed or not, saw each example of its schedule once.
+    log_sample_ids: bool = False
 
 
 class DeepSpeedConfig(_Section):
@@ -147,10 +153,15 @@ class OutputConfig(_Section):
 PRUNABLE_MODULES = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 
 
-class PruneConfig(_Section):
-    """Sparsity during training: what to prune, how much, and when."""
+# One-shot methods with calibration data (``bloomray prune --model DIR``, ``prune/oneshot.py``);
+# training does not take them (``check_trainable``).
+ONESHOT_METHODS = ("wanda", "sparsegpt")
 
-    method: Literal["none", "magnitude", "structured", "2:4"] = "none"
+
+class PruneConfig(_Section):
+    """Sparsity during training (what to prune, how much, and when), or of a one-shot ``bloomray prune``."""
+
+    method: Literal["none", "magnitude", "structured", "2:4", "wanda", "sparsegpt"] = "none"
     scope: Literal["layer", "global"] = "layer"  # magnitude: per-layer or one global threshold
     structure: Literal["mlp", "heads", "mlp+heads"] = "mlp"  # structured: MLP neurons, heads or both
     importance: Literal["magnitude", "taylor"] = "magnitude"  # taylor = accumulated |weight x grad|
@@ -161,8 +172,15 @@ class PruneConfig(_Section):
     end_fraction: float = Field(0.7, ge=0.0, le=1.0)
     update_every: int = Field(10, ge=1)  # steps between mask updates
     targets: list[str] = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+    # One-shot (`bloomray prune`) only: the sparsity pattern of wanda/sparsegpt/magnitude, the
+    # calibration set (the first train blocks of data.block_size tokens), and SparseGPT's
+    # Hessian dampening (fraction of its mean diagonal) and lazy-update column block width.
+    pattern: Literal["unstructured", "2:4"] = "unstructured"
+    calibration_samples: int = Field(128, ge=1)
+    percdamp: float = Field(0.01, gt=0.0)
+    blocksize: int = Field(128, ge=1)
 
-    @field_validator("method", mode="before")
+    @field_validator("method", "pattern", mode="before")
     @classmethod
     def _unquoted_two_four(cls, v: Any) -> Any:
         return "2:4" if v == 124 else v  # YAML 1.1 reads an unquoted 2:4 as base-60 2*60+4
@@ -303,6 +321,11 @@ def check_combinations(cfg: Config) -> None:
             )
         if p.method == "2:4" and p.final_sparsity != 0.5:
             raise ValueError("prune.method=2:4 keeps 2 of every 4 weights: prune.final_sparsity must be 0.5")
+        if p.pattern == "2:4" and p.method in ("magnitude", *ONESHOT_METHODS) and p.final_sparsity != 0.5:
+            raise ValueError(
+                "prune.pattern=2:4 keeps 2 of every 4 weights: prune.final_sparsity must be 0.5, "
+                f"got {p.final_sparsity}"
+            )
         unknown = sorted(set(p.targets) - set(PRUNABLE_MODULES))
         if unknown or not p.targets:
             raise ValueError(
@@ -314,6 +337,26 @@ def check_combinations(cfg: Config) -> None:
             )
     if cfg.data.labels is not None and len(set(cfg.data.labels)) != len(cfg.data.labels):
         raise ValueError(f"data.labels has duplicates: {cfg.data.labels}")
+
+
+def check_trainable(cfg: Config) -> None:
+    """Reject what the schema accepts but training cannot run: the one-shot prune settings.
+
+    Raises:
+        ConfigError: ``prune.method`` is wanda or sparsegpt (``bloomray prune`` runs those on a
+            trained model dir), or magnitude with the one-shot ``prune.pattern=2:4``.
+    """
+    if cfg.prune.method in ONESHOT_METHODS:
+        raise ConfigError(
+            f"prune.method={cfg.prune.method} is one-shot pruning of a trained model with calibration "
+            "data: run `bloomray prune --model MODEL_DIR --config CFG --output OUT` on the exported "
+            "model; training prunes with prune.method magnitude, structured or 2:4"
+        )
+    if cfg.prune.method == "magnitude" and cfg.prune.pattern == "2:4":
+        raise ConfigError(
+            "prune.pattern is for `bloomray prune`; for 2:4 sparsity during training set "
+            "prune.method=2:4 (and leave prune.pattern unset)"
+        )
 
 
 # --------------------------------------------------------------------------- loading

@@ -97,23 +97,59 @@ def read_rows(source: str, text_column: str, bad_rows: str = "skip") -> Rows:
 
 
 def _read_file(path: Path, text_column: str, bad_rows: str) -> Rows:
+    out = Rows()
+    for where, row in iter_file_rows(path, text_column, bad_rows, out):
+        out.rows.append(row)
+        out.origins.append(where)
+    return out
+
+
+def iter_file_rows(
+    path: Path, text_column: str, bad_rows: str, rows: Rows
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Stream ``(where, row)`` from one data file; malformed rows are counted in ``rows``.
+
+    ``.txt`` rows are blank-line separated paragraphs (``{text_column: paragraph}``); JSONL,
+    CSV/TSV and Parquet are read line by line or by row group, so memory stays flat.
+
+    Raises:
+        DataError: an unsupported suffix, a missing text column, a bad row with ``fail``.
+    """
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        text = path.read_text(encoding="utf-8", errors="replace")
-        return Rows(rows=[{text_column: p.strip()} for p in re.split(r"\n\s*\n", text) if p.strip()])
-    if suffix in (".jsonl", ".json"):
-        return _read_jsonl(path, bad_rows)
-    if suffix in (".csv", ".tsv"):
-        return _read_csv(path, "\t" if suffix == ".tsv" else ",", text_column, bad_rows)
-    if suffix == ".parquet":
+        for i, para in enumerate(_paragraphs(path)):
+            yield f"{path} paragraph {i}", {text_column: para}
+    elif suffix in (".jsonl", ".json"):
+        yield from _jsonl_rows(path, bad_rows, rows)
+    elif suffix in (".csv", ".tsv"):
+        yield from _csv_rows(path, "\t" if suffix == ".tsv" else ",", text_column, bad_rows, rows)
+    elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        return Rows(rows=pq.read_table(path).to_pylist())
-    raise DataError(f"unsupported data file {path}; use one of {', '.join(SUFFIXES)}")
+        pf = pq.ParquetFile(path)
+        i = 0
+        for batch in pf.iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                yield f"{path} row {i}", row
+                i += 1
+    else:
+        raise DataError(f"unsupported data file {path}; use one of {', '.join(SUFFIXES)}")
 
 
-def _read_jsonl(path: Path, bad_rows: str) -> Rows:
-    out = Rows()
+def _paragraphs(path: Path) -> Iterator[str]:
+    para: list[str] = []
+    with path.open(encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            if line.strip():
+                para.append(line)
+            elif para:
+                yield "".join(para).strip()
+                para = []
+    if para:
+        yield "".join(para).strip()
+
+
+def _jsonl_rows(path: Path, bad_rows: str, out: Rows) -> Iterator[tuple[str, dict[str, Any]]]:
     with path.open(encoding="utf-8", errors="replace") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
@@ -126,13 +162,12 @@ def _read_jsonl(path: Path, bad_rows: str) -> Rows:
             if not isinstance(row, dict):
                 out.reject(f"{path}:{lineno}", "a JSON line must be an object", bad_rows)
                 continue
-            out.rows.append(row)
-            out.origins.append(f"{path}:{lineno}")
-    return out
+            yield f"{path}:{lineno}", row
 
 
-def _read_csv(path: Path, delimiter: str, text_column: str, bad_rows: str) -> Rows:
-    out = Rows()
+def _csv_rows(
+    path: Path, delimiter: str, text_column: str, bad_rows: str, out: Rows
+) -> Iterator[tuple[str, dict[str, Any]]]:
     with path.open(encoding="utf-8", errors="replace", newline="") as fh:
         reader = csv.DictReader(fh, delimiter=delimiter, quoting=csv.QUOTE_MINIMAL)
         if reader.fieldnames is None or text_column not in reader.fieldnames:
@@ -143,9 +178,7 @@ def _read_csv(path: Path, delimiter: str, text_column: str, bad_rows: str) -> Ro
             if None in row or any(v is None for v in row.values()):
                 out.reject(f"{path}:{lineno}", "wrong number of fields", bad_rows)
                 continue
-            out.rows.append(row)
-            out.origins.append(f"{path}:{lineno}")
-    return out
+            yield f"{path}:{lineno}", row
 
 
 def _is_saved_dataset(path: Path) -> bool:

@@ -1,8 +1,10 @@
-"""Turn a DataConfig into train/eval arrays plus the tokenizer: the driver-side data step.
+"""Turn a DataConfig into train/eval examples plus the tokenizer: the driver-side data step.
 
-The arrays go into Ray's object store and each worker reads its own deterministic shard
-(see ``train/batches.py``); the object store spans every node, so the same code path works
-on one box and on a multi-node cluster.
+Causal-LM text becomes a token dataset dir (``shards.py``; raw input is prepared into
+``OUTPUT/data`` by the same code ``bloomray prepare-data`` runs, a prepared ``data.path`` is
+read in place), whose blocks every worker reads by memory map. Classification and SFT
+examples are small labelled arrays (:class:`~bloomray.data.shards.ArrayBlocks`) that go into
+Ray's object store. Each worker reads its own deterministic share (``train/batches.py``).
 """
 
 from __future__ import annotations
@@ -16,10 +18,15 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from bloomray.config import Config
-from bloomray.data.corpus import DataError, Rows, read_documents, read_rows
-from bloomray.data.packing import encode_classification, pack_blocks, split_indices, tokenize_documents
+from bloomray.data.corpus import DataError, Rows, read_rows
+from bloomray.data.packing import encode_classification, split_indices
 from bloomray.data.redact import Redactor, placeholders, redacted, redaction_stats
-from bloomray.data.tokenizer import TokenizerError, load_tokenizer, train_tokenizer
+from bloomray.data.shards import ArrayBlocks, BlockSource, is_token_dataset
+from bloomray.data.sources import EMBEDDED
+from bloomray.data.tokenizer import configured_tokenizer, load_tokenizer, train_tokenizer
+from bloomray.data.tokens import build_dataset, open_prepared, scratch_dir
+
+__all__ = ["PreparedData", "configured_tokenizer", "prepare_data"]
 
 log = logging.getLogger(__name__)
 
@@ -29,14 +36,17 @@ class PreparedData:
     """Everything the workers need to iterate batches, and what the model card records."""
 
     tokenizer: PreTrainedTokenizerBase
-    train: dict[str, np.ndarray]
-    eval: dict[str, np.ndarray]
+    train: BlockSource
+    eval: BlockSource
     id2label: dict[int, str] | None = None
     stats: dict[str, Any] = field(default_factory=dict)
 
 
 def prepare_data(
-    cfg: Config, tokenizer_dir: Path | None = None, tokenizer: PreTrainedTokenizerBase | None = None
+    cfg: Config,
+    tokenizer_dir: Path | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    data_dir: Path | None = None,
 ) -> PreparedData:
     """Load the corpus, get a tokenizer, and build train/eval arrays for ``cfg.task``.
 
@@ -44,6 +54,8 @@ def prepare_data(
         cfg: the run config.
         tokenizer_dir: where to save the tokenizer (the workers and export reload it).
         tokenizer: use this one (a resumed run's own) instead of :func:`configured_tokenizer`.
+        data_dir: where causal-LM raw input is prepared into token shards (``OUTPUT/data``;
+            a temp dir when None). A prepared ``data.path`` is read in place.
 
     Raises:
         DataError: unreadable data, bad rows with ``data.bad_rows=fail``, too little data.
@@ -57,87 +69,46 @@ def prepare_data(
 
         data = prepare_sft(cfg, tokenizer)
     else:
-        data = _prepare_causal(cfg, tokenizer)
+        data = _prepare_causal(cfg, tokenizer, data_dir)
     if tokenizer_dir is not None:
         data.tokenizer.save_pretrained(str(tokenizer_dir))
     log.info("data: %s", data.stats)
     return data
 
 
-def configured_tokenizer(cfg: Config) -> PreTrainedTokenizerBase | None:
-    """The run's tokenizer when it is loaded, not trained; None when one must be trained.
-
-    A pretrained model (``model.path``, a dir or hub name) keeps its own tokenizer, loaded from
-    the same place unless ``data.tokenizer.path`` names another copy of it. A byte-level BPE is
-    trained on the corpus only for models built from a preset without ``data.tokenizer.path``.
-    Called before the corpus is read, so a wrong tokenizer stops the run at once.
-
-    Raises:
-        TokenizerError: no tokenizer at ``model.path``, or ``data.tokenizer.path`` holds a
-            tokenizer that is not the model's own.
-    """
-    tcfg, model_path = cfg.data.tokenizer, cfg.model.path
-    if model_path is None:
-        return load_tokenizer(tcfg.path) if tcfg.path else None
-    if tcfg.path is None:
-        local = Path(model_path).expanduser()
-        if local.is_dir() and not _has_tokenizer(local):
-            raise TokenizerError(
-                f"model.path={model_path} has no tokenizer files (tokenizer.json or tokenizer_config.json); "
-                "a pretrained model needs its own tokenizer: set data.tokenizer.path to it"
-            )
-        return load_tokenizer(model_path)
-    tok = load_tokenizer(tcfg.path)
-    local = Path(model_path).expanduser()
-    if not local.is_dir() or _has_tokenizer(local):  # the model's own copy is there to compare with
-        own = load_tokenizer(model_path)
-        if own.get_vocab() != tok.get_vocab():
-            raise TokenizerError(
-                f"data.tokenizer.path={tcfg.path} ({len(tok)} tokens) is not the tokenizer of "
-                f"model.path={model_path} ({len(own)} tokens): their vocabularies differ, so every id "
-                "would mean another token. Leave data.tokenizer.path unset to use the model's own"
-            )
-    return tok
-
-
-def _has_tokenizer(model_dir: Path) -> bool:
-    return any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
-
-
-def _prepare_causal(cfg: Config, tok: PreTrainedTokenizerBase | None) -> PreparedData:
+def _prepare_causal(cfg: Config, tok: PreTrainedTokenizerBase | None, data_dir: Path | None) -> PreparedData:
     d = cfg.data
-    docs, rows = read_documents(d.path, d.text_column, d.bad_rows)
-    docs = docs[: d.max_documents] if d.max_documents else docs
-    redact = Redactor.from_config(d.redact)
-    docs = redacted(redact, docs)
-    tok = tok or train_tokenizer(
-        docs, d.tokenizer.vocab_size, d.tokenizer.min_frequency, placeholders(redact)
-    )
-    blocks = pack_blocks(tokenize_documents(tok, docs), d.block_size)
-    if d.eval_path:
-        eval_docs, _ = read_documents(d.eval_path, d.text_column, d.bad_rows)
-        eval_docs = redacted(redact, eval_docs)
-        train_blocks = blocks
-        eval_blocks = pack_blocks(tokenize_documents(tok, eval_docs), d.block_size)
+    if is_token_dataset(d.path):
+        ds = open_prepared(cfg, tok)
     else:
-        if len(blocks) < 2:
-            raise DataError(
-                f"only {len(blocks)} block of {d.block_size} tokens: add text or lower data.block_size"
-            )
-        tr, ev = split_indices(len(blocks), d.eval_fraction, d.seed)
-        train_blocks, eval_blocks = blocks[tr], blocks[ev]
+        ds = build_dataset(cfg, tok, data_dir or scratch_dir())
+    train, evald = ds.blocks("train", d.block_size), ds.blocks("eval", d.block_size)
+    if len(train) == 0:
+        raise DataError(
+            f"the corpus has {ds.tokens('train')} training tokens, fewer than one block of "
+            f"data.block_size={d.block_size}; add text or lower data.block_size"
+        )
+    if len(evald) == 0:
+        raise DataError(
+            f"the eval split has {ds.documents('eval')} documents ({ds.tokens('eval')} tokens), fewer "
+            f"than one block of data.block_size={d.block_size}; raise data.eval_fraction, give "
+            "data.eval_path, or lower data.block_size"
+        )
+    index = ds.index
     stats = {
-        "source": d.path or "embedded:pydoc_data.topics",
-        "documents": len(docs),
-        "bad_rows": rows.bad,
-        "train_blocks": len(train_blocks),
-        "eval_blocks": len(eval_blocks),
+        "source": d.path or EMBEDDED,
+        "dataset": str(ds.path),
+        "documents": ds.documents("train") + ds.documents("eval"),
+        "bad_rows": index["bad_rows"],
+        "train_blocks": len(train),
+        "eval_blocks": len(evald),
         "block_size": d.block_size,
-        "train_tokens": int(train_blocks.size),
-        "vocab_size": len(tok),
-        **redaction_stats(redact),
+        "train_tokens": len(train) * d.block_size,
+        "vocab_size": index["vocab_size"],
+        **({"redacted": index["redacted"]} if "redacted" in index else {}),
     }
-    return PreparedData(tok, {"input_ids": train_blocks}, {"input_ids": eval_blocks}, None, stats)
+    tokenizer = tok or load_tokenizer(str(ds.tokenizer_dir))
+    return PreparedData(tokenizer, train, evald, None, stats)
 
 
 def _prepare_classification(cfg: Config, tok: PreTrainedTokenizerBase | None) -> PreparedData:
@@ -178,7 +149,7 @@ def _prepare_classification(cfg: Config, tok: PreTrainedTokenizerBase | None) ->
     }
     if rows.bad:
         log.warning("skipped %d bad rows, e.g. %s", rows.bad, rows.bad_examples[:3])
-    return PreparedData(tok, train, evald, dict(enumerate(names)), stats)
+    return PreparedData(tok, ArrayBlocks(train), ArrayBlocks(evald), dict(enumerate(names)), stats)
 
 
 def _infer_labels(rows: Rows, label_column: str) -> list[str]:

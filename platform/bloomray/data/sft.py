@@ -31,6 +31,7 @@ from bloomray.data.corpus import DataError, Rows, read_rows
 from bloomray.data.packing import split_indices
 from bloomray.data.prepare import PreparedData
 from bloomray.data.redact import Redactor, placeholders, redaction_stats
+from bloomray.data.shards import ArrayBlocks
 from bloomray.data.tokenizer import ensure_chat_template, train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -239,4 +240,4 @@ def prepare_sft(cfg: Config, tok: PreTrainedTokenizerBase | None) -> PreparedDat
         "vocab_size": len(tok),
         **redaction_stats(redact),
     }
-    return PreparedData(tok, train, evald, None, stats)
+    return PreparedData(tok, ArrayBlocks(train), ArrayBlocks(evald), None, stats)

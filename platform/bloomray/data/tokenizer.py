@@ -13,6 +13,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from bloomray.config import Config
 from bloomray.errors import EXIT_USAGE, BloomrayError
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
@@ -110,3 +111,43 @@ def train_tokenizer(
     if extra_tokens:
         fast.add_tokens(list(extra_tokens))
     return ensure_chat_template(fast)
+
+
+def configured_tokenizer(cfg: Config) -> PreTrainedTokenizerBase | None:
+    """The run's tokenizer when it is loaded, not trained; None when one must be trained.
+
+    A pretrained model (``model.path``, a dir or hub name) keeps its own tokenizer, loaded from
+    the same place unless ``data.tokenizer.path`` names another copy of it. A byte-level BPE is
+    trained on the corpus only for models built from a preset without ``data.tokenizer.path``.
+    Called before the corpus is read, so a wrong tokenizer stops the run at once.
+
+    Raises:
+        TokenizerError: no tokenizer at ``model.path``, or ``data.tokenizer.path`` holds a
+            tokenizer that is not the model's own.
+    """
+    tcfg, model_path = cfg.data.tokenizer, cfg.model.path
+    if model_path is None:
+        return load_tokenizer(tcfg.path) if tcfg.path else None
+    if tcfg.path is None:
+        local = Path(model_path).expanduser()
+        if local.is_dir() and not _has_tokenizer(local):
+            raise TokenizerError(
+                f"model.path={model_path} has no tokenizer files (tokenizer.json or tokenizer_config.json); "
+                "a pretrained model needs its own tokenizer: set data.tokenizer.path to it"
+            )
+        return load_tokenizer(model_path)
+    tok = load_tokenizer(tcfg.path)
+    local = Path(model_path).expanduser()
+    if not local.is_dir() or _has_tokenizer(local):  # the model's own copy is there to compare with
+        own = load_tokenizer(model_path)
+        if own.get_vocab() != tok.get_vocab():
+            raise TokenizerError(
+                f"data.tokenizer.path={tcfg.path} ({len(tok)} tokens) is not the tokenizer of "
+                f"model.path={model_path} ({len(own)} tokens): their vocabularies differ, so every id "
+                "would mean another token. Leave data.tokenizer.path unset to use the model's own"
+            )
+    return tok
+
+
+def _has_tokenizer(model_dir: Path) -> bool:
+    return any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))

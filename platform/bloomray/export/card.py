@@ -7,9 +7,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bloomray.export.sparse import SPARSE_METHODS
 
-def write_model_card(model_dir: Path, meta: dict[str, Any], info: dict[str, Any], extra: str = "") -> None:
-    """Record data, config, steps, final metrics and export facts as a Markdown card."""
+
+def write_model_card(
+    model_dir: Path, meta: dict[str, Any], info: dict[str, Any], extra: str = "", name: str | None = None
+) -> None:
+    """Record data, config, steps, final metrics and export facts as a Markdown card.
+
+    ``name``: the dir's final name, when ``model_dir`` is the temp dir it is renamed from.
+    """
+    name = name or model_dir.name
     m = meta.get("metrics", {})
     cfg = meta.get("config", {})
     mc = meta.get("model_config", {})
@@ -24,7 +32,7 @@ def write_model_card(model_dir: Path, meta: dict[str, Any], info: dict[str, Any]
 library_name: transformers
 tags: [bloom, bloomray]
 ---
-# {model_dir.name} — BLOOM {meta.get("task", "causal_lm")} model trained with bloomray
+# {name} — BLOOM {meta.get("task", "causal_lm")} model {"pruned" if meta.get("oneshot") else "trained"} with bloomray
 
 Exported {datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")} from `{info.get("checkpoint")}`.
 
@@ -34,13 +42,9 @@ Exported {datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")} from `{info.get("che
 - size on disk: {info.get("size_on_disk_bytes", 0) / 2**20:.2f} MiB (safetensors)
 - base model: {meta.get("base_model") or "random init from preset " + str(cfg.get("model", {}).get("preset"))}
 - LoRA: {"merged, r=" + str(meta["lora"]["r"]) if meta.get("lora") else "no"}
-- export check: reloaded logits vs trained engine, max |diff| = {"n/a" if diff is None else f"{diff:.3g}"}
+- export check: reloaded logits vs {"the pruned model" if meta.get("oneshot") else "trained engine"}, max |diff| = {"n/a" if diff is None else f"{diff:.3g}"}
 
-## Training
-- steps: {meta.get("step")} of {meta.get("total_steps")}
-- DeepSpeed: ZeRO-{cfg.get("deepspeed", {}).get("zero_stage")}, {cfg.get("deepspeed", {}).get("precision")}, {cfg.get("scaling", {}).get("num_workers")} workers
-- lr {cfg.get("train", {}).get("lr")}, schedule {cfg.get("train", {}).get("lr_schedule")}, warmup {cfg.get("train", {}).get("warmup_steps")}, global batch {cfg.get("train", {}).get("global_batch_size")}
-
+{_training_section(meta, cfg)}
 ## Data
 ```json
 {json.dumps(meta.get("data", {}), indent=2, default=str)}
@@ -51,8 +55,20 @@ Exported {datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")} from `{info.get("che
 |---|---|
 {metric_rows}
 {extra}
-{_load_section(model_dir.name, meta)}"""
+{_load_section(name, meta)}"""
     (model_dir / "README.md").write_text(text)
+
+
+def _training_section(meta: dict[str, Any], cfg: dict[str, Any]) -> str:
+    if meta.get("oneshot"):
+        return f"""## Training
+- none here: one-shot pruned (no weight training) from `{meta["oneshot"].get("source_model")}`; its own card says how it was trained
+"""
+    return f"""## Training
+- steps: {meta.get("step")} of {meta.get("total_steps")}
+- DeepSpeed: ZeRO-{cfg.get("deepspeed", {}).get("zero_stage")}, {cfg.get("deepspeed", {}).get("precision")}, {cfg.get("scaling", {}).get("num_workers")} workers
+- lr {cfg.get("train", {}).get("lr")}, schedule {cfg.get("train", {}).get("lr_schedule")}, warmup {cfg.get("train", {}).get("warmup_steps")}, global batch {cfg.get("train", {}).get("global_batch_size")}
+"""
 
 
 def _load_section(name: str, meta: dict[str, Any]) -> str:
@@ -71,7 +87,7 @@ def _load_section(name: str, meta: dict[str, Any]) -> str:
             "`bloomray serve --model DIR` serves it on vLLM through bloomray's vLLM plugin "
             "(architecture `BloomrayCompactForCausalLM`, per-layer head and neuron counts)."
         )
-    elif method in ("magnitude", "2:4"):
+    elif method in SPARSE_METHODS:
         serving = (
             "`bloomray serve --model DIR` serves it densely on vLLM: the sparse file is expanded once "
             "into `vllm-dense/` inside this dir (dense kernels cannot use unstructured zeros)."
@@ -100,6 +116,8 @@ def _pruning_section(meta: dict[str, Any], info: dict[str, Any]) -> str:
     prune = meta.get("config", {}).get("prune", {})
     if prune.get("method", "none") == "none":
         return ""
+    if meta.get("oneshot"):
+        return _oneshot_section(meta["oneshot"], info)
     m = meta.get("metrics", {})
     layers = "\n".join(
         f"| {k.split('_')[-1]} | {v:.3f} |"
@@ -132,4 +150,27 @@ def _pruning_section(meta: dict[str, Any], info: dict[str, Any]) -> str:
 | layer | sparsity |
 |---|---|
 {layers}
+"""
+
+
+def _oneshot_section(shot: dict[str, Any], info: dict[str, Any]) -> str:
+    """The pruning facts of a ``bloomray prune`` export (``export/oneshot.py``)."""
+    kinds = "\n".join(f"| {k} | {v:.4f} |" for k, v in shot.get("sparsity_by_kind", {}).items())
+    solver = (
+        f"; Hessian dampening {shot.get('percdamp')}, column blocks of {shot.get('blocksize')}"
+        if shot.get("method") == "sparsegpt"
+        else ""
+    )
+    return f"""
+## Pruning
+- method: one-shot {shot.get("method")}, pattern {shot.get("pattern")}{solver}; stored sparse (bitmask + values of every weight at least 30% zeros)
+- target sparsity {shot.get("sparsity_target")} of every pruned weight ({", ".join(shot.get("targets", []))}); measured overall {shot.get("sparsity", float("nan")):.4f}
+- calibration: {shot.get("calibration_samples")} samples (the first train blocks) of {shot.get("block_size")} tokens, {shot.get("calibration_tokens")} tokens
+- eval loss on {shot.get("eval_blocks")} eval blocks: {shot.get("eval_loss_before", float("nan")):.4f} dense -> {shot.get("eval_loss_after", float("nan")):.4f} pruned
+- size on disk: {info.get("dense_size_bytes", 0) / 2**20:.2f} MiB dense -> {info.get("size_on_disk_bytes", 0) / 2**20:.2f} MiB exported
+- Unstructured and 2:4 zeros make dense kernels no faster: the gain is size on disk (2:4 can use GPU sparse tensor cores).
+
+| weight kind | sparsity |
+|---|---|
+{kinds}
 """

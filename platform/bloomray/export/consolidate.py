@@ -17,7 +17,7 @@ from transformers import AutoTokenizer, BloomConfig
 from bloomray.errors import EXIT_FAILED, BloomrayError
 from bloomray.export.card import write_model_card
 from bloomray.export.latency import bounded_latency_ms
-from bloomray.export.sparse import SPARSE_FILE, SPARSE_KEY, save_sparse
+from bloomray.export.sparse import SPARSE_FILE, SPARSE_KEY, SPARSE_METHODS, save_sparse
 from bloomray.files import atomic_dir
 from bloomray.model.build import add_lora, build_from_config, count_parameters, model_class
 from bloomray.train.checkpoint import (
@@ -165,7 +165,7 @@ def _write_model(model: torch.nn.Module, tmp: Path, prune_method: str) -> dict[s
         model, info = compact_model(model)
         facts.update(info)
         model.save_pretrained(str(tmp), safe_serialization=True)
-    elif prune_method in ("magnitude", "2:4"):
+    elif prune_method in SPARSE_METHODS:
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
         facts["sparse_tensors"] = len(save_sparse(state, tmp / SPARSE_FILE))
         setattr(model.config, SPARSE_KEY, {"format": "bitmask-v1", "file": SPARSE_FILE})
@@ -246,5 +246,5 @@ def _export_local(ckpt: Path, out: Path, tolerance: float | None, source: str) -
             "checkpoint": source,
             "prune_method": prune_method,
         }
-        write_model_card(tmp, meta, info)
+        write_model_card(tmp, meta, info, name=out.name)
     return info

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bloomray.config import Config
+from bloomray.config import Config, check_trainable
 from bloomray.data.prepare import PreparedData
 from bloomray.export.consolidate import export_checkpoint
 from bloomray.files import atomic_write_text
@@ -27,6 +27,7 @@ def run_training(cfg: Config, output_dir: str | Path, resume: bool = False) -> d
         TrainingError: the run failed after ``train.max_failures`` retries.
         ExportError: the final checkpoint could not be exported.
     """
+    check_trainable(cfg)
     out, data, tokenizer_dir, plan = start_run(cfg, output_dir, resume)
     return train_prepared(cfg, out, data, tokenizer_dir, plan=plan)
 

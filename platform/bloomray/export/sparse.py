@@ -14,6 +14,8 @@ from safetensors.torch import load_file, save_file
 
 SPARSE_KEY = "bloomray_sparse"
 SPARSE_FILE = "sparse.safetensors"
+#: ``prune.method``s whose exports are stored in this format (unstructured or 2:4 zeros).
+SPARSE_METHODS = ("magnitude", "2:4", "wanda", "sparsegpt")
 
 
 def save_sparse(state: dict[str, torch.Tensor], path: Path, min_sparsity: float = 0.3) -> list[str]:

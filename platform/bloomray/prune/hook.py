@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from bloomray.config import PRUNABLE_MODULES, ConfigError
+from bloomray.config import PRUNABLE_MODULES, ConfigError, check_trainable
 from bloomray.prune.apply import MaskApplier
 from bloomray.prune.masks import (
     layer_of,
@@ -28,6 +28,7 @@ class PruneHook:
     """
 
     def __init__(self, cfg: Any, engine: Any, model: torch.nn.Module, total_steps: int) -> None:
+        check_trainable(cfg)  # checked on the driver; a config built by hand fails here, not later
         self.p = cfg.prune
         self.schedule = Schedule.from_config(self.p, total_steps)
         self.applier = MaskApplier(engine, model)

@@ -1,8 +1,8 @@
-"""Deterministic per-rank batches over arrays held in Ray's object store.
+"""Deterministic per-rank batches over a block source (memory-mapped token shards, or
+labelled arrays from Ray's object store).
 
-Each epoch is a seeded permutation; rank ``r`` of ``w`` takes every ``w``-th item of it.
 A micro-batch is addressed by its global index, so a resumed run continues exactly where
-the checkpoint left off, with no data seen twice or skipped.
+the checkpoint left off, with no data seen twice or skipped (:class:`ShardedBatches`).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import math
 import numpy as np
 import torch
 
+from bloomray.data.shards import BlockSource
 from bloomray.errors import EXIT_USAGE, BloomrayError
 
 
@@ -24,16 +25,11 @@ class DataTooSmallError(BloomrayError, ValueError):
     exit_code = EXIT_USAGE
 
 
-def micro_batches_per_epoch(n_examples: int, num_workers: int, micro_batch_size: int) -> int:
-    """Micro-batches each rank gets from one pass over ``n_examples``."""
-    return (n_examples // num_workers) // micro_batch_size
-
-
 def steps_per_epoch(n_examples: int, num_workers: int, micro_batch_size: int, grad_accum: int) -> int:
-    """Optimizer steps in one epoch; raises DataTooSmallError when it is zero."""
-    steps = micro_batches_per_epoch(n_examples, num_workers, micro_batch_size) // grad_accum
+    """Optimizer steps in one epoch (full global batches); raises DataTooSmallError when it is zero."""
+    need = num_workers * micro_batch_size * grad_accum
+    steps = n_examples // need
     if steps == 0:
-        need = num_workers * micro_batch_size * grad_accum
         raise DataTooSmallError(
             f"{n_examples} training examples are fewer than one step needs "
             f"(train.global_batch_size={need}); add data or lower train.global_batch_size"
@@ -50,40 +46,52 @@ def total_steps(max_steps: int | None, epochs: float | None, per_epoch: int) -> 
 
 
 class ShardedBatches:
-    """Shuffled micro-batches for one rank, addressed by global micro-batch index."""
+    """Shuffled micro-batches for one rank, addressed by global micro-batch index.
+
+    Every epoch is a seeded permutation of the block indices, cut into steps of
+    ``global_batch = world * micro_batch_size * grad_accum`` blocks (the tail is dropped).
+    Step ``s`` takes blocks ``[s*G, (s+1)*G)`` of its epoch's permutation; its micro-batch ``a``
+    the ``world * micro_batch_size`` blocks after ``a`` of them, of which rank ``r`` takes
+    slice ``r``. A step's blocks depend only on the seed and ``G``, not on the number of
+    workers, so a run can resume on another world size with the same global batch and still
+    see every block of the schedule once.
+    """
 
     def __init__(
-        self, arrays: dict[str, np.ndarray], rank: int, world: int, micro_batch_size: int, seed: int
+        self, source: BlockSource, rank: int, world: int, micro_batch_size: int, grad_accum: int, seed: int
     ) -> None:
-        self.arrays = arrays
-        self.rank, self.world, self.mbs, self.seed = rank, world, micro_batch_size, seed
-        self.n = len(next(iter(arrays.values())))
-        self.per_epoch = micro_batches_per_epoch(self.n, world, micro_batch_size)
-        if self.per_epoch == 0:
-            raise DataTooSmallError(f"{self.n} examples cannot fill a micro-batch on {world} workers")
+        self.source = source
+        self.rank, self.world, self.mbs, self.ga, self.seed = rank, world, micro_batch_size, grad_accum, seed
+        self.n = len(source)
+        self.global_batch = world * micro_batch_size * grad_accum
+        self.steps_per_epoch = steps_per_epoch(self.n, world, micro_batch_size, grad_accum)
         self._epoch = -1
-        self._mine: np.ndarray = np.empty(0, dtype=np.int64)
+        self._perm: np.ndarray = np.empty(0, dtype=np.int64)
+
+    def ids(self, index: int) -> np.ndarray:
+        """The example indices of this rank's ``index``-th micro-batch (``step * grad_accum + a``)."""
+        step, a = divmod(index, self.ga)
+        epoch, s = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._perm = np.random.default_rng(self.seed + epoch).permutation(self.n)
+            self._epoch = epoch
+        start = s * self.global_batch + (a * self.world + self.rank) * self.mbs
+        return np.sort(self._perm[start : start + self.mbs])
 
     def get(self, index: int) -> dict[str, torch.Tensor]:
         """The ``index``-th micro-batch of this rank (epochs continue seamlessly)."""
-        epoch, i = divmod(index, self.per_epoch)
-        if epoch != self._epoch:
-            perm = np.random.default_rng(self.seed + epoch).permutation(self.n)
-            self._mine = perm[self.rank :: self.world][: self.per_epoch * self.mbs]
-            self._epoch = epoch
-        idx = np.sort(self._mine[i * self.mbs : (i + 1) * self.mbs])
-        return {k: torch.from_numpy(v[idx].astype(np.int64)) for k, v in self.arrays.items()}
+        return {k: torch.from_numpy(v) for k, v in self.source.take(self.ids(index)).items()}
 
-    def epoch_of(self, index: int) -> int:
-        """The epoch a micro-batch index falls in."""
-        return index // self.per_epoch
+    def epoch_of_step(self, step: int) -> int:
+        """The epoch optimizer step ``step`` (0-based) falls in."""
+        return step // self.steps_per_epoch
 
 
 def eval_batches(
-    arrays: dict[str, np.ndarray], rank: int, world: int, micro_batch_size: int, max_batches: int | None
+    source: BlockSource, rank: int, world: int, micro_batch_size: int, max_batches: int | None
 ) -> list[dict[str, torch.Tensor]]:
     """This rank's eval micro-batches, the same count on every rank (ZeRO-3 needs that)."""
-    n = len(next(iter(arrays.values())))
+    n = len(source)
     per_rank = n // world
     if per_rank == 0:
         raise DataTooSmallError(
@@ -93,7 +101,7 @@ def eval_batches(
     out = []
     for i in range(0, per_rank, micro_batch_size):
         idx = mine[i : i + micro_batch_size]
-        out.append({k: torch.from_numpy(v[idx].astype(np.int64)) for k, v in arrays.items()})
+        out.append({k: torch.from_numpy(v) for k, v in source.take(idx).items()})
         if max_batches is not None and len(out) >= max_batches:
             break
     return out

@@ -17,6 +17,7 @@ import ray
 
 from bloomray.config import Config
 from bloomray.data.prepare import PreparedData
+from bloomray.data.shards import BlockSource, TokenBlocks
 from bloomray.train.checkpoint import read_tokenizer_files
 from bloomray.train.resume import ResumeContract
 
@@ -40,10 +41,11 @@ class WorkerPlan:
 
     config: Config
     """The validated run config (the same object the driver resolved)."""
-    train_data: ray.ObjectRef
-    """Ref to the train arrays (``input_ids`` and, per task, ``attention_mask``/``labels``)."""
-    eval_data: ray.ObjectRef
-    """Ref to the eval arrays, shaped like ``train_data``."""
+    train_data: TokenBlocks | ray.ObjectRef
+    """The train examples: memory-mapped token blocks (causal LM, sent as a path), or a ref to
+    labelled arrays in the object store (classification, sft)."""
+    eval_data: TokenBlocks | ray.ObjectRef
+    """The eval examples, like ``train_data``."""
     tokenizer_files: ray.ObjectRef
     """Ref to the tokenizer's files (name -> bytes); rank 0 copies them into each checkpoint."""
     model_config: dict[str, Any]
@@ -68,6 +70,23 @@ class WorkerPlan:
     params: dict[str, Any] = field(repr=False)
     """The config flattened to ``section.key`` -> value, logged as MLflow params."""
 
+    def train_source(self) -> BlockSource:
+        """The train examples on this worker (shards mapped, or arrays fetched once)."""
+        return _received(self.train_data)
+
+    def eval_source(self) -> BlockSource:
+        """The eval examples on this worker."""
+        return _received(self.eval_data)
+
+
+def _shipped(source: BlockSource) -> TokenBlocks | ray.ObjectRef:
+    # token blocks travel as their path (each worker maps the shards); arrays go to the object store
+    return source if isinstance(source, TokenBlocks) else ray.put(source)
+
+
+def _received(data: TokenBlocks | ray.ObjectRef) -> BlockSource:
+    return data if isinstance(data, TokenBlocks) else ray.get(data)
+
 
 def build_worker_plan(
     cfg: Config,
@@ -91,8 +110,8 @@ def build_worker_plan(
     }
     return WorkerPlan(
         config=cfg,
-        train_data=ray.put(data.train),
-        eval_data=ray.put(data.eval),
+        train_data=_shipped(data.train),
+        eval_data=_shipped(data.eval),
         tokenizer_files=ray.put(read_tokenizer_files(tokenizer_dir)),
         model_config=plan.model_config,
         num_labels=len(data.id2label) if data.id2label else None,

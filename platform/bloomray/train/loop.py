@@ -6,8 +6,10 @@ logging, eval and checkpointing at the configured intervals.
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
+from pathlib import Path
 from typing import Any, Protocol
 
 import ray
@@ -76,12 +78,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     for hook, state in zip(hooks, restored.hook_states, strict=False):
         hook.load_state_dict(state)
     mb = cfg.train.micro_batch_size
-    batches = ShardedBatches(ray.get(plan.train_data), rank, world, mb, cfg.train.seed)
-    evals = eval_batches(ray.get(plan.eval_data), rank, world, mb, cfg.train.eval_max_batches)
+    batches = ShardedBatches(plan.train_source(), rank, world, mb, cfg.grad_accum_steps, cfg.train.seed)
+    evals = eval_batches(plan.eval_source(), rank, world, mb, cfg.train.eval_max_batches)
     flops_tok, peak = _flop_budget(cfg, engine, model, plan.model_config, device)
     sinks = _sinks(plan, rank, step)
     is_rank0 = rank == 0
     tag = _attempt_tag(is_rank0, device)
+    audit = _sample_log(plan.log_dir, rank, tag) if cfg.train.log_sample_ids else None
     # This attempt's restore time and its earlier saves' times (a save's own time is only
     # known after it is written, so each checkpoint records the ones before it).
     timings: dict[str, Any] = {"restore_s": restore_s if step else None, "save_s": []}
@@ -115,11 +118,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             n_loss += 1
             tokens += batch["input_ids"].numel()
         step += 1
+        if audit is not None:
+            ids = [int(i) for a in range(ga) for i in batches.ids((step - 1) * ga + a)]
+            audit.write(json.dumps({"step": step, "ids": ids}) + "\n")
+            audit.flush()
         extra: dict[str, float] = {}
         for hook in hooks:
             extra.update(hook.after_step(engine, step))
 
-        epoch_end = batches.epoch_of(step * ga) != batches.epoch_of(step * ga - 1)
+        epoch_end = batches.epoch_of_step(step) != batches.epoch_of_step(step - 1)
         do_eval = step % cfg.train.eval_every == 0 or step == total or (epoch_end and cfg.train.epochs)
         do_ckpt = step % cfg.train.checkpoint_every == 0 or step == total
         if not (do_eval or do_ckpt or step % cfg.train.log_every == 0):
@@ -129,7 +136,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         metrics.update(extra)
         for hook in hooks:
             metrics.update(hook.log_metrics())
-        metrics["epoch"] = step * ga / batches.per_epoch
+        metrics["epoch"] = step / batches.steps_per_epoch
         if do_eval:
             metrics.update(evaluate(engine, cfg.task, evals, device, plan.num_labels))
         if is_rank0:
@@ -160,6 +167,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         loss_sum, n_loss, tokens, t0 = torch.zeros((), device=device), 0, 0, time.perf_counter()
     if sinks:
         sinks.close()
+    if audit is not None:
+        audit.close()
+
+
+def _sample_log(log_dir: Path, rank: int, tag: str) -> Any:
+    path = log_dir / "samples" / f"rank{rank}-{tag}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.open("a")
 
 
 def _forward(engine: Any, task: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:

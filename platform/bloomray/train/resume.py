@@ -14,12 +14,10 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from bloomray.config import Config, ConfigError
+from bloomray.data.shards import BlockSource
 from bloomray.train.checkpoint import META_FILE
 
 
@@ -36,6 +34,8 @@ class ResumeContract:
     data_fingerprint: str
     tokenizer_hash: str
     total_steps: int
+    zero_stage: int | None = None
+    precision: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -48,8 +48,12 @@ class ResumeContract:
 
 # How to proceed when a setting changed, per field.
 _ADVICE = {
-    "world_size": "resume with scaling.num_workers={old} (elastic resume on another worker count is not "
-    "supported yet)",
+    "world_size": "resume with scaling.num_workers={old}: this checkpoint's optimizer state is "
+    "partitioned over its workers (ZeRO-1/2/3, or bf16/fp16 master weights), and converting it to "
+    "DeepSpeed's universal checkpoint is not supported yet. Runs with deepspeed.zero_stage=0 and "
+    "deepspeed.precision=fp32 resume on any worker count with the same train.global_batch_size",
+    "zero_stage": "resume with deepspeed.zero_stage={old}",
+    "precision": "resume with deepspeed.precision={old}",
     "block_size": "resume with data.block_size={old}",
     "micro_batch_size": "resume with train.micro_batch_size={old}",
     "global_batch_size": "resume with train.global_batch_size={old}",
@@ -62,24 +66,17 @@ _ADVICE = {
 }
 
 
-def fingerprint_arrays(arrays: dict[str, dict[str, np.ndarray]]) -> str:
-    """sha256 over the packed train/eval arrays (names, dtypes, shapes, bytes), order-stable."""
-    h = hashlib.sha256()
-    for split in sorted(arrays):
-        for name in sorted(arrays[split]):
-            a = np.ascontiguousarray(arrays[split][name])
-            h.update(f"{split}/{name}/{a.dtype.str}/{a.shape}".encode())
-            h.update(a.tobytes())
-    return h.hexdigest()
+def elastic(contract: ResumeContract) -> bool:
+    """Whether a checkpoint resumes on another number of workers: its optimizer state is whole
+    (ZeRO stage 0 in fp32 keeps one unpartitioned copy) and the batches of a step do not depend
+    on the worker count (``batches.ShardedBatches``); the global batch must stay the same."""
+    return contract.zero_stage == 0 and contract.precision == "fp32"
 
 
-def hash_dir(path: Path) -> str:
-    """sha256 over the files of a directory (names and contents, sorted)."""
-    h = hashlib.sha256()
-    for p in sorted(x for x in path.iterdir() if x.is_file()):
-        h.update(p.name.encode())
-        h.update(p.read_bytes())
-    return h.hexdigest()
+def fingerprint_sources(train: BlockSource, eval_: BlockSource) -> str:
+    """sha256 over the train and eval sources' fingerprints (the shards' hashes and the block
+    size for token datasets; names, dtypes, shapes and bytes for arrays)."""
+    return hashlib.sha256(f"train:{train.fingerprint()}/eval:{eval_.fingerprint()}".encode()).hexdigest()
 
 
 def latest_checkpoint_meta(storage: str, name: str) -> dict[str, Any] | None:
@@ -116,7 +113,7 @@ def check_resume(saved: dict[str, Any], new: ResumeContract, step: int) -> None:
     old = ResumeContract.from_dict(saved)
     problems = []
     for f in dataclasses.fields(ResumeContract):
-        if f.name == "total_steps":
+        if f.name == "total_steps" or (f.name == "world_size" and elastic(old)):
             continue
         a, b = getattr(old, f.name), getattr(new, f.name)
         if a is not None and a != b:

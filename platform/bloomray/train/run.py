@@ -25,6 +25,7 @@ from bloomray.config import Config, ConfigError, dump_config, load_config
 from bloomray.data.prepare import PreparedData, prepare_data
 from bloomray.data.tokenizer import load_tokenizer
 from bloomray.errors import EXIT_FAILED, BloomrayError
+from bloomray.files import hash_dir
 from bloomray.model.build import resolve_model_config
 from bloomray.raycluster import init_ray, worker_env
 from bloomray.train.batches import steps_per_epoch, total_steps
@@ -37,8 +38,7 @@ from bloomray.train.resume import (
     check_resume,
     check_tokenizer_settings,
     extend_lr_segments,
-    fingerprint_arrays,
-    hash_dir,
+    fingerprint_sources,
     latest_checkpoint_meta,
 )
 
@@ -99,6 +99,14 @@ def local_checkpoint_root(cfg: Config, out: Path) -> str | None:
     return str(Path(path) / name)
 
 
+def data_location(cfg: Config, out: Path) -> Path:
+    """Where a run prepares raw causal-LM input into token shards: next to its checkpoints when
+    those are on a local or mounted path (``output.storage_path`` on NFS, which every node
+    reads), else ``OUTPUT/data``."""
+    root = local_checkpoint_root(cfg, out)
+    return Path(root).parent / f"{Path(root).name}-data" if root and cfg.output.storage_path else out / "data"
+
+
 def plan_run(cfg: Config, out: Path, data: PreparedData, tokenizer_dir: Path) -> RunPlan:
     """Check the model against the tokenizer and a resume against its checkpoint (no Ray needed).
 
@@ -106,7 +114,7 @@ def plan_run(cfg: Config, out: Path, data: PreparedData, tokenizer_dir: Path) ->
         ModelLoadError: the tokenizer's ids do not fit the model's vocabulary.
         ConfigError: too little eval data, or settings a resume cannot change.
     """
-    n_train = len(data.train["input_ids"])
+    n_train = len(data.train)
     per_epoch = steps_per_epoch(
         n_train, cfg.scaling.num_workers, cfg.train.micro_batch_size, cfg.grad_accum_steps
     )
@@ -114,9 +122,9 @@ def plan_run(cfg: Config, out: Path, data: PreparedData, tokenizer_dir: Path) ->
     model_config = resolve_model_config(
         cfg.task, cfg.model.preset, cfg.model.path, data.tokenizer, data.id2label, cfg.model.vocab_size
     )
-    if len(data.eval["input_ids"]) < cfg.scaling.num_workers:
+    if len(data.eval) < cfg.scaling.num_workers:
         raise ConfigError(
-            f"{len(data.eval['input_ids'])} eval examples for {cfg.scaling.num_workers} workers; "
+            f"{len(data.eval)} eval examples for {cfg.scaling.num_workers} workers; "
             "raise data.eval_fraction or give data.eval_path"
         )
     contract = ResumeContract(
@@ -126,9 +134,11 @@ def plan_run(cfg: Config, out: Path, data: PreparedData, tokenizer_dir: Path) ->
         global_batch_size=cfg.train.global_batch_size,
         train_seed=cfg.train.seed,
         data_seed=cfg.data.seed,
-        data_fingerprint=fingerprint_arrays({"train": data.train, "eval": data.eval}),
+        data_fingerprint=fingerprint_sources(data.train, data.eval),
         tokenizer_hash=hash_dir(tokenizer_dir),
         total_steps=total,
+        zero_stage=cfg.deepspeed.zero_stage,
+        precision=cfg.deepspeed.precision,
     )
     saved = latest_checkpoint_meta(*checkpoint_location(cfg, out))
     step = int(saved["step"]) if saved else 0
@@ -187,9 +197,11 @@ def start_run(
     tokenizer_dir = out / "tokenizer"
     if resume:  # the run's own tokenizer: never re-trained or overwritten
         check_tokenizer_settings(load_config(out / "config.yaml"), cfg)
-        data = prepare_data(cfg, tokenizer=load_tokenizer(str(tokenizer_dir)))
+        data = prepare_data(
+            cfg, tokenizer=load_tokenizer(str(tokenizer_dir)), data_dir=data_location(cfg, out)
+        )
     else:
-        data = prepare_data(cfg, tokenizer_dir)
+        data = prepare_data(cfg, tokenizer_dir, data_dir=data_location(cfg, out))
     plan = plan_run(cfg, out, data, tokenizer_dir)
     dump_config(cfg, out / "config.yaml")
     init_ray(cfg.ray.address, cfg.ray.num_cpus)

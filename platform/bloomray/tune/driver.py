@@ -134,7 +134,7 @@ def run_tune(cfg: Config, output_dir: str | Path, resume: bool = False) -> dict[
         )
     check_space(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    data = prepare_data(cfg, out / "tokenizer")
+    data = prepare_data(cfg, out / "tokenizer", data_dir=out / "data")
     dump_config(cfg, out / "config.yaml")
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
     trainable = tune.with_resources(

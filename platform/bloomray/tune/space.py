@@ -7,7 +7,7 @@ from typing import Any
 
 from ray import tune
 
-from bloomray.config import Config, ConfigError, config_from_dict, set_key
+from bloomray.config import Config, ConfigError, check_trainable, config_from_dict, set_key
 
 # Data is prepared once per search and shared by every trial, so it cannot vary per trial;
 # the rest describe the search itself or where it runs.
@@ -23,6 +23,7 @@ def check_space(cfg: Config) -> None:
     """
     if not cfg.tune.space:
         raise ConfigError("tune.space is empty: give at least one key to search, e.g. train.lr")
+    check_trainable(cfg)
     base = cfg.model_dump(mode="json")
     for key, param in cfg.tune.space.items():
         if key.split(".")[0] in FROZEN_SECTIONS:
@@ -37,7 +38,7 @@ def check_space(cfg: Config) -> None:
             trial = copy.deepcopy(base)
             set_key(trial, key, value)
             try:
-                config_from_dict(trial)
+                check_trainable(config_from_dict(trial))
             except ConfigError as exc:
                 raise ConfigError(
                     f"tune.space.{key}: value {value!r} is not a valid config:\n{exc}"

@@ -1,4 +1,5 @@
-"""The driver-side data step: corpus -> tokenizer -> train/eval arrays, for both tasks."""
+"""The driver-side data step: corpus -> tokenizer -> train/eval blocks (token shards for causal
+LM, arrays for classification)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import pytest
 
 from bloomray.config import load_config, preset_names
 from bloomray.data.corpus import DataError
+from bloomray.data.ingest import is_eval
 from bloomray.data.packing import pack_blocks, tokenize_documents
 from bloomray.data.prepare import configured_tokenizer, prepare_data
+from bloomray.data.shards import all_blocks
 from bloomray.data.tokenizer import TokenizerError, load_tokenizer, train_tokenizer
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
@@ -53,17 +56,25 @@ def write_labelled(path: Path, rows: list[tuple[str, object]]) -> Path:
     return path
 
 
-def test_causal_blocks_split_and_tokenizer_saved(tmp_path: Path):
+def split_blocks(tok, docs: list[str], fraction: float, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """The expected (train, eval) blocks: documents split by their hash, each side packed in order."""
+    sides = {True: [], False: []}
+    for d in docs:
+        sides[is_eval(d, fraction, 0)].append(d)
+    return tuple(pack_blocks(tokenize_documents(tok, sides[side]), block) for side in (False, True))
+
+
+def test_causal_blocks_split_by_document_and_tokenizer_saved(tmp_path: Path):
     f = tmp_path / "corpus.txt"
     f.write_text(paragraphs(40))
     tok_dir = tmp_path / "tok"
     data = prepare_data(causal_cfg(f), tokenizer_dir=tok_dir)
-    tr, ev = data.train["input_ids"], data.eval["input_ids"]
+    tr, ev = all_blocks(data.train)["input_ids"], all_blocks(data.eval)["input_ids"]
     assert tr.ndim == 2 and tr.shape[1] == 16 and ev.shape[1] == 16
-    # Train + eval are exactly the 16-token blocks of the 40 paragraphs, each ended by EOS.
-    packed = pack_blocks(tokenize_documents(data.tokenizer, paragraphs(40).split("\n\n")), 16)
-    assert sorted(map(tuple, np.concatenate([tr, ev]).tolist())) == sorted(map(tuple, packed.tolist()))
-    assert len(ev) == round((len(tr) + len(ev)) * 0.25)
+    # Train and eval are the 16-token blocks of their own documents (chosen by hash), in order.
+    want_tr, want_ev = split_blocks(data.tokenizer, paragraphs(40).split("\n\n"), 0.25, 16)
+    assert np.array_equal(tr, want_tr) and np.array_equal(ev, want_ev)
+    assert 0 < len(ev) < len(tr)
     assert tr.max() < len(data.tokenizer) and tr.min() >= 0
     assert data.id2label is None
     s = data.stats
@@ -72,7 +83,7 @@ def test_causal_blocks_split_and_tokenizer_saved(tmp_path: Path):
     assert s["train_tokens"] == tr.size
     assert s["source"] == str(f)
     assert s["bad_rows"] == 0
-    # The saved tokenizer is the one the arrays were made with.
+    # The saved tokenizer is the one the blocks were made with.
     again = load_tokenizer(str(tok_dir))
     assert again("alpha beta")["input_ids"] == data.tokenizer("alpha beta")["input_ids"]
 
@@ -81,16 +92,11 @@ def test_causal_is_deterministic(tmp_path: Path):
     f = tmp_path / "corpus.txt"
     f.write_text(paragraphs(30))
     a, b = prepare_data(causal_cfg(f)), prepare_data(causal_cfg(f))
-    assert np.array_equal(a.train["input_ids"], b.train["input_ids"])
-    assert np.array_equal(a.eval["input_ids"], b.eval["input_ids"])
-
-
-def test_causal_eval_rows_are_not_training_rows(tmp_path: Path):
-    f = tmp_path / "corpus.txt"
-    f.write_text(paragraphs(30))
-    data = prepare_data(causal_cfg(f))
-    train_rows = {r.tobytes() for r in data.train["input_ids"]}
-    assert all(r.tobytes() not in train_rows for r in data.eval["input_ids"])
+    for split in ("train", "eval"):
+        assert np.array_equal(
+            all_blocks(getattr(a, split))["input_ids"], all_blocks(getattr(b, split))["input_ids"]
+        )
+    assert a.train.fingerprint() == b.train.fingerprint()
 
 
 def test_causal_separate_eval_file(tmp_path: Path):
@@ -98,12 +104,13 @@ def test_causal_separate_eval_file(tmp_path: Path):
     f.write_text(paragraphs(30))
     e.write_text(paragraphs(5))
     data = prepare_data(causal_cfg(f, f"data.eval_path={e}"))
-    whole = prepare_data(causal_cfg(f))
-    # Nothing held out of the training file when an eval file is given.
-    assert len(data.train["input_ids"]) == len(whole.train["input_ids"]) + len(whole.eval["input_ids"])
-    # The eval blocks are the eval file's, in order.
-    eval_blocks = pack_blocks(tokenize_documents(data.tokenizer, paragraphs(5).split("\n\n")), 16)
-    assert np.array_equal(data.eval["input_ids"], eval_blocks)
+    # Nothing held out of the training file when an eval file is given, and the eval blocks
+    # are the eval file's, in order.
+    tok = data.tokenizer
+    want_train = pack_blocks(tokenize_documents(tok, paragraphs(30).split("\n\n")), 16)
+    want_eval = pack_blocks(tokenize_documents(tok, paragraphs(5).split("\n\n")), 16)
+    assert np.array_equal(all_blocks(data.train)["input_ids"], want_train)
+    assert np.array_equal(all_blocks(data.eval)["input_ids"], want_eval)
 
 
 def test_causal_max_documents(tmp_path: Path):
@@ -114,9 +121,9 @@ def test_causal_max_documents(tmp_path: Path):
 
 
 def test_causal_embedded_corpus(tmp_path: Path):
-    data = prepare_data(causal_cfg(None, "data.max_documents=5", "data.block_size=64"))
+    data = prepare_data(causal_cfg(None, "data.max_documents=60", "data.block_size=64"))
     assert data.stats["source"] == "embedded:pydoc_data.topics"
-    assert len(data.train["input_ids"]) > 1
+    assert len(data.train) > 1
 
 
 def test_causal_too_little_text(tmp_path: Path):
@@ -126,11 +133,13 @@ def test_causal_too_little_text(tmp_path: Path):
         prepare_data(causal_cfg(f, "data.block_size=256"))
 
 
-def test_causal_only_one_block_cannot_split(tmp_path: Path):
+def test_causal_no_eval_block_names_the_fix(tmp_path: Path):
     f = tmp_path / "corpus.txt"
-    f.write_text("abcdefghij")  # no repeated pair, so no merges: 10 byte tokens + EOS
-    with pytest.raises(DataError, match="only 1 block"):
-        prepare_data(causal_cfg(f, "data.block_size=8"))
+    f.write_text(paragraphs(12))  # 12 distinct documents: at 1% none is likely to hash into eval
+    docs = paragraphs(12).split("\n\n")
+    assert not any(is_eval(d, 0.01, 0) for d in docs)
+    with pytest.raises(DataError, match="eval split has 0 documents.*raise data.eval_fraction"):
+        prepare_data(causal_cfg(f, "data.eval_fraction=0.01"))
 
 
 def test_classification_infers_sorted_labels(tmp_path: Path):

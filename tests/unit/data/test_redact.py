@@ -11,6 +11,7 @@ import pytest
 from bloomray.config import ConfigError, load_config
 from bloomray.data.prepare import prepare_data
 from bloomray.data.redact import KINDS, Redactor
+from bloomray.data.shards import all_blocks
 
 
 @pytest.mark.parametrize(
@@ -145,14 +146,18 @@ def test_prepare_data_keeps_pii_out_of_the_tokenizer_and_the_blocks(tmp_path: Pa
     assert not [t for t in tok.get_vocab() for frag in ("jdoe", "corp", "xample", "@c") if frag in t]
     ids = tok.convert_tokens_to_ids(["<EMAIL>", "<PHONE>"])
     assert all(tok.convert_ids_to_tokens(i) in ("<EMAIL>", "<PHONE>") for i in ids)
-    text = tok.decode(data.train["input_ids"].ravel().tolist())
+    text = tok.decode(all_blocks(data.train)["input_ids"].ravel().tolist())
     assert "<EMAIL>" in text and "<PHONE>" in text
     assert "@" not in text and "jdoe" not in text and "555-123" not in text
-    assert "<EMAIL>" in tok.decode(data.eval["input_ids"].ravel().tolist())
+    assert "<EMAIL>" in tok.decode(all_blocks(data.eval)["input_ids"].ravel().tolist())
     red = data.stats["redacted"]
     assert red["email"] == 31 and red["phone"] == 30 and red["ip"] == 0
     json.dumps(data.stats)  # goes into summary.json as is
-    plain = prepare_data(load_config(None, ["train.max_steps=2", f"data.path={f}", "data.block_size=16"]))
+    plain = prepare_data(
+        load_config(
+            None, ["train.max_steps=2", f"data.path={f}", "data.block_size=16", "data.eval_fraction=0.3"]
+        )
+    )
     assert "redacted" not in plain.stats
 
 

@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 
 from bloomray.config import ConfigError, load_config
+from bloomray.data.shards import ArrayBlocks
+from bloomray.files import hash_dir
 from bloomray.train.resume import (
     ResumeContract,
     check_resume,
     check_tokenizer_settings,
     extend_lr_segments,
-    fingerprint_arrays,
-    hash_dir,
+    fingerprint_sources,
     latest_checkpoint_meta,
 )
 
@@ -72,15 +73,19 @@ def test_total_below_the_checkpoint_step_is_refused():
         check_resume(BASE.to_dict(), dataclasses.replace(BASE, total_steps=10), step=20)
 
 
-def test_fingerprint_sees_every_token_and_the_dtype():
-    a = {"train": {"input_ids": np.arange(12, dtype=np.int64).reshape(3, 4)}, "eval": {}}
-    same = {"eval": {}, "train": {"input_ids": np.arange(12, dtype=np.int64).reshape(3, 4)}}
-    assert fingerprint_arrays(a) == fingerprint_arrays(same)
-    one_token = {"train": {"input_ids": a["train"]["input_ids"].copy()}, "eval": {}}
-    one_token["train"]["input_ids"][2, 3] = 99
-    assert fingerprint_arrays(one_token) != fingerprint_arrays(a)
-    other_dtype = {"train": {"input_ids": a["train"]["input_ids"].astype(np.int32)}, "eval": {}}
-    assert fingerprint_arrays(other_dtype) != fingerprint_arrays(a)
+def test_fingerprint_sees_every_token_the_dtype_and_the_split():
+    def blocks(a: np.ndarray) -> ArrayBlocks:
+        return ArrayBlocks({"input_ids": a})
+
+    ids = np.arange(12, dtype=np.int64).reshape(3, 4)
+    ev = blocks(np.zeros((1, 4), dtype=np.int64))
+    a = fingerprint_sources(blocks(ids), ev)
+    assert fingerprint_sources(blocks(ids.copy()), ev) == a
+    one_token = ids.copy()
+    one_token[2, 3] = 99
+    assert fingerprint_sources(blocks(one_token), ev) != a
+    assert fingerprint_sources(blocks(ids.astype(np.int32)), ev) != a
+    assert fingerprint_sources(ev, blocks(ids)) != a  # train and eval swapped
 
 
 def test_hash_dir_changes_with_a_file(tmp_path: Path):
@@ -120,3 +125,21 @@ def test_tokenizer_overrides_are_refused_on_resume():
         )
     with pytest.raises(ConfigError, match="model.path: None → '/x'"):
         check_tokenizer_settings(saved, load_config(None, ["train.max_steps=2", "model.path=/x"]))
+
+
+def test_only_an_unpartitioned_checkpoint_resumes_on_another_worker_count():
+    whole = dataclasses.replace(BASE, zero_stage=0, precision="fp32")
+    check_resume(whole.to_dict(), dataclasses.replace(whole, world_size=BASE.world_size + 1), step=5)
+    for stage, precision in ((0, "bf16"), (2, "fp32"), (None, None)):  # None: a checkpoint from before
+        saved = dataclasses.replace(BASE, zero_stage=stage, precision=precision)
+        with pytest.raises(ConfigError) as err:
+            check_resume(saved.to_dict(), dataclasses.replace(saved, world_size=BASE.world_size + 1), step=5)
+        assert (
+            f"world_size: {BASE.world_size} → {BASE.world_size + 1}; resume with scaling.num_workers="
+            in str(err.value)
+        )
+        assert "deepspeed.zero_stage=0 and deepspeed.precision=fp32 resume on any worker count" in str(
+            err.value
+        )
+    with pytest.raises(ConfigError, match="zero_stage: 0 → 2; resume with deepspeed.zero_stage=0"):
+        check_resume(whole.to_dict(), dataclasses.replace(whole, zero_stage=2), step=5)

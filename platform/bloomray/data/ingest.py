@@ -1,0 +1,234 @@
+"""Raw text -> a token dataset dir (``shards.py``): ``bloomray prepare-data`` and a run's own.
+
+The input is cut into *units* (one file each, a row range of a saved HF dataset, or the
+embedded corpus). :func:`encode_unit` streams one unit in chunks of documents (memory stays
+at one chunk), redacts, tokenizes with the fast tokenizer, appends EOS and assigns each
+document to ``train`` or ``eval`` by a hash of its text (so adding files never moves a
+document across the split). Units run either in this process (``workers=0``: small inputs a
+run prepares on the fly) or in parallel as a Ray Data ``map_batches`` over an actor pool;
+Ray Data keeps the order, and the driver writes the shards in unit order, so the bytes are
+the same for any number of workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from bloomray.data.corpus import DataError, Rows
+from bloomray.data.redact import Redactor, redaction_stats
+from bloomray.data.shards import DEFAULT_SHARD_TOKENS, ShardWriter, TokenDataset
+from bloomray.data.sources import EncodeSettings, Unit, texts_of
+from bloomray.files import atomic_dir, hash_dir
+
+log = logging.getLogger(__name__)
+CHUNK_DOCS = 4096  # documents tokenized (and sent to the writer) at a time
+
+
+def is_eval(text: str, eval_fraction: float, seed: int) -> bool:
+    """The split rule: a document is eval when its salted sha256 falls under ``eval_fraction``.
+
+    It depends on the document's text only, so the split of a document never changes when
+    other documents are added or removed (duplicates always land on the same side).
+    """
+    h = hashlib.sha256(f"{seed}\0".encode() + text.encode("utf-8", errors="replace")).digest()
+    return int.from_bytes(h[:8], "big") < eval_fraction * 2.0**64
+
+
+def encode_unit(unit: Unit, tok: PreTrainedTokenizerBase, s: EncodeSettings) -> Iterator[dict[str, Any]]:
+    """A unit's documents as chunks: ``{"tokens", "lengths", "eval", "meta"}`` (EOS appended).
+
+    ``meta`` of the last chunk carries the unit's bad-row count and examples and the
+    redaction counts; ``sha256`` is the unit's content fingerprint.
+    """
+    rows = Rows()
+    redact = Redactor(**s.redact) if s.redact is not None else None
+    eos = tok.eos_token_id
+    texts = texts_of(unit, s.text_column, rows, s.bad_rows)
+    fingerprint = hashlib.sha256(f"{unit.kind}:{Path(unit.source).name}:{unit.start}:{unit.stop}".encode())
+    while True:
+        chunk = [t for _, t in zip(range(CHUNK_DOCS), texts, strict=False)]
+        last = len(chunk) < CHUNK_DOCS
+        if chunk:
+            for t in chunk:
+                fingerprint.update(hashlib.sha256(t.encode("utf-8", errors="replace")).digest())
+            if unit.split is None:
+                flags = np.fromiter((is_eval(t, s.eval_fraction, s.split_seed) for t in chunk), dtype=bool)
+            else:
+                flags = np.full(len(chunk), unit.split == "eval")
+            clean = [redact(t) for t in chunk] if redact else chunk
+            ids = tok(clean, add_special_tokens=False)["input_ids"]
+            lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
+            flat = np.empty(int(lengths.sum()), dtype=np.int64)
+            ends = np.cumsum(lengths) - 1
+            body = np.ones(len(flat), dtype=bool)
+            body[ends] = False
+            flat[body] = np.fromiter(
+                itertools.chain.from_iterable(ids), dtype=np.int64, count=len(flat) - len(ids)
+            )
+            flat[ends] = eos
+        else:
+            flat, lengths, flags = np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, bool)
+        meta: dict[str, Any] = {}
+        if last:
+            meta = {
+                "source": unit.source if unit.kind != "hf" else f"{unit.source}[{unit.start}:{unit.stop}]",
+                "bad_rows": rows.bad,
+                "bad_row_examples": rows.bad_examples,
+                "sha256": fingerprint.hexdigest(),
+                **redaction_stats(redact),
+            }
+        yield {"tokens": flat, "lengths": lengths, "eval": flags, "meta": meta}
+        if last:
+            return
+
+
+class _Encoder:
+    """The Ray Data actor: loads the tokenizer once, encodes one unit per call."""
+
+    def __init__(self, settings: EncodeSettings) -> None:
+        from bloomray.data.tokenizer import load_tokenizer
+
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one actor per CPU already
+        self.s = settings
+        self.tok = load_tokenizer(settings.tokenizer_dir)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        for i, unit_json in enumerate(batch["unit"]):
+            for c in encode_unit(Unit(**json.loads(unit_json)), self.tok, self.s):
+                yield {
+                    "order": np.array([int(batch["order"][i])]),
+                    "tokens": np.array([c["tokens"].astype("<i8").tobytes()], dtype=object),
+                    "lengths": np.array([c["lengths"].astype("<i8").tobytes()], dtype=object),
+                    "eval": np.array([c["eval"].tobytes()], dtype=object),
+                    "meta": np.array([json.dumps(c["meta"])], dtype=object),
+                }
+
+
+def _ray_chunks(units: list[Unit], settings: EncodeSettings, workers: int) -> Iterator[dict[str, Any]]:
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # the shards' order must not depend on timing
+    ctx.enable_progress_bars = False
+    items = [{"order": i, "unit": json.dumps(u.__dict__)} for i, u in enumerate(units)]
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        _Encoder,
+        fn_constructor_kwargs={"settings": settings},
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=min(workers, len(units))),
+        num_cpus=1,
+    )
+    for row in ds.iter_rows():
+        yield {
+            "tokens": np.frombuffer(row["tokens"], dtype="<i8"),
+            "lengths": np.frombuffer(row["lengths"], dtype="<i8"),
+            "eval": np.frombuffer(row["eval"], dtype=bool),
+            "meta": json.loads(row["meta"]),
+        }
+
+
+def _local_chunks(
+    units: list[Unit], settings: EncodeSettings, tok: PreTrainedTokenizerBase
+) -> Iterator[dict[str, Any]]:
+    for unit in units:
+        yield from encode_unit(unit, tok, settings)
+
+
+def write_dataset(
+    units: list[Unit],
+    tok: PreTrainedTokenizerBase,
+    out: Path,
+    settings: EncodeSettings,
+    workers: int = 0,
+    max_documents: int | None = None,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    progress: bool = False,
+) -> TokenDataset:
+    """Encode ``units`` and write the dataset dir ``out`` atomically (replacing an old one).
+
+    Args:
+        workers: Ray Data actors (Ray must be up); 0 encodes in this process.
+        max_documents: keep only the first N documents (in unit order).
+        progress: print a line to stderr every few seconds (documents, tokens, tokens/s).
+
+    Raises:
+        DataError: bad rows with ``data.bad_rows=fail``, no document at all.
+    """
+    chunks = _ray_chunks(units, settings, workers) if workers else _local_chunks(units, settings, tok)
+    t0 = last = time.perf_counter()
+    with atomic_dir(out) as tmp:
+        tok.save_pretrained(str(tmp / "tokenizer"))
+        writer = ShardWriter(tmp, len(tok), shard_tokens)
+        sources: list[dict[str, Any]] = []
+        redacted: dict[str, int] = {}
+        docs, done = 0, False
+        for c in chunks:
+            tokens, lengths, flags = c["tokens"], c["lengths"], c["eval"]
+            if max_documents is not None and docs + len(lengths) >= max_documents:
+                keep = max_documents - docs
+                tokens, lengths, flags = tokens[: int(lengths[:keep].sum())], lengths[:keep], flags[:keep]
+                done = True
+            in_eval = np.repeat(flags, lengths)
+            writer.add_many("train", tokens[~in_eval], lengths[~flags])
+            writer.add_many("eval", tokens[in_eval], lengths[flags])
+            docs += len(lengths)
+            if c["meta"]:
+                m = c["meta"]
+                for k, v in m.pop("redacted", {}).items():
+                    redacted[k] = redacted.get(k, 0) + v
+                sources.append(m)
+            if progress and time.perf_counter() - last > 5:
+                last = time.perf_counter()
+                n = sum(w.tokens for w in writer.splits.values())
+                print(
+                    f"[bloomray] prepare-data: {docs:,} documents, {n:,} tokens, "
+                    f"{n / (last - t0):,.0f} tokens/s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            if done:
+                break
+        if docs == 0:
+            raise DataError(f"{units[0].source if units else 'the input'} yielded no documents with text")
+        h = hashlib.sha256()
+        for m in sources:
+            h.update(m["sha256"].encode())
+        writer.close(
+            {
+                "vocab_size": len(tok),
+                "eos_token_id": tok.eos_token_id,
+                "tokenizer_hash": hash_dir(tmp / "tokenizer"),
+                "source_fingerprint": h.hexdigest(),
+                "split": {
+                    "rule": "sha256(seed, text) < eval_fraction",
+                    "eval_fraction": settings.eval_fraction,
+                    "seed": settings.split_seed,
+                },
+                "max_documents": max_documents,
+                "sources": sources,
+                "bad_rows": sum(m["bad_rows"] for m in sources),
+                **({"redacted": redacted} if settings.redact is not None else {}),
+            }
+        )
+    ds = TokenDataset.open(out)
+    if progress:
+        n = ds.tokens("train") + ds.tokens("eval")
+        print(
+            f"[bloomray] prepare-data: {docs:,} documents, {n:,} tokens in "
+            f"{time.perf_counter() - t0:.1f}s -> {out}",
+            file=sys.stderr,
+            flush=True,
+        )
+    return ds

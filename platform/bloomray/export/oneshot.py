@@ -1,0 +1,306 @@
+"""``bloomray prune``: one-shot prune a model dir with calibration data, in one Ray task.
+
+The driver checks everything cheap first (the method and pattern, the model dir, the output,
+the tokenizer) and raises a :class:`~bloomray.errors.BloomrayError` before any real work. It
+then prepares ``data.*`` of the config with the model dir's *own* tokenizer (as training does,
+on the driver) and takes two small arrays from it: the calibration set, the first
+``prune.calibration_samples`` train blocks of ``data.block_size`` tokens (deterministic), and
+the eval blocks (``train.eval_max_batches`` micro-batches of ``train.micro_batch_size``, or
+all). Everything else runs in :func:`_prune_task`, one Ray task on a cluster node
+(``scaling.cpus_per_worker`` CPUs, one GPU with ``scaling.use_gpu``): load the model, eval
+loss, prune (``prune.oneshot``: Wanda, SparseGPT or magnitude; unstructured or 2:4), eval loss
+again, and write the output atomically as a normal export in the sparse format
+(``export/sparse.py``) with its model card. The model dir and the output must be on storage
+that node sees (a local path on one box; NFS or a PVC on a cluster).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from transformers import AutoTokenizer, BloomConfig
+
+from bloomray.config import Config, ConfigError
+from bloomray.data.prepare import PreparedData, prepare_data
+from bloomray.data.tokenizer import load_tokenizer
+from bloomray.errors import BloomrayError
+from bloomray.export.card import write_model_card
+from bloomray.export.consolidate import ExportError, _write_model
+from bloomray.export.load import load_model, task_of
+from bloomray.files import atomic_dir
+from bloomray.model.build import ModelLoadError
+from bloomray.model.compact import SPEC_KEY
+from bloomray.prune.masks import target_names
+from bloomray.prune.oneshot import METHODS, OneShotError, oneshot_prune
+from bloomray.raycluster import init_ray
+
+log = logging.getLogger(__name__)
+
+
+def check_request(
+    model_dir: str | Path, cfg: Config, output_dir: str | Path, overwrite: bool
+) -> dict[str, Any]:
+    """Every check that needs no data and no model weights; returns the model's config.json.
+
+    Raises:
+        OneShotError: the method is not one this verb runs, 2:4 with sparsity != 0.5 or a
+            hidden size not divisible by 4, the model is compacted or a classifier, the output
+            exists (without ``overwrite``) or is the model dir (exit 2).
+        ConfigError: ``task`` is not causal_lm (exit 2).
+        ModelLoadError: ``model_dir`` is not a model dir (exit 2).
+    """
+    p = cfg.prune
+    if p.method not in METHODS:
+        hint = " (for 2:4 set prune.method=wanda and prune.pattern=2:4)" if p.method == "2:4" else ""
+        raise OneShotError(
+            f"bloomray prune runs prune.method {', '.join(METHODS)}; got prune.method={p.method}{hint}"
+        )
+    if p.pattern == "2:4" and p.final_sparsity != 0.5:
+        raise OneShotError(
+            f"prune.pattern=2:4 keeps 2 of every 4 weights, so prune.final_sparsity must be 0.5, got "
+            f"{p.final_sparsity}"
+        )
+    if cfg.task != "causal_lm":
+        raise ConfigError(
+            f"bloomray prune calibrates a causal LM on text: set task=causal_lm, not {cfg.task}"
+        )
+    src = Path(model_dir).expanduser().resolve()
+    if not (src / "config.json").is_file():
+        raise ModelLoadError(
+            f"--model {model_dir} is not a model dir (no config.json there); pass an export such as "
+            "OUTPUT/model of a training run"
+        )
+    raw = json.loads((src / "config.json").read_text())
+    if SPEC_KEY in raw:
+        raise OneShotError(
+            f"--model {model_dir} is a compacted structured-pruned export; prune the dense model it came from"
+        )
+    if task_of(raw) != "causal_lm":
+        raise OneShotError(f"--model {model_dir} is a classifier; bloomray prune prunes causal LMs")
+    if p.pattern == "2:4" and BloomConfig.from_dict(raw).hidden_size % 4:
+        raise OneShotError(
+            f"2:4 needs a hidden size divisible by 4; {model_dir} has {raw.get('hidden_size')}"
+        )
+    out = Path(output_dir).expanduser().resolve()
+    if out == src:
+        raise OneShotError("--output is the --model dir; write the pruned model to a new dir")
+    if out.exists() and not overwrite:
+        raise OneShotError(
+            f"--output {output_dir} exists; pass --overwrite to replace it, or choose another dir"
+        )
+    return raw
+
+
+def calibration_and_eval(cfg: Config, data: PreparedData) -> tuple[np.ndarray, np.ndarray]:
+    """(first ``prune.calibration_samples`` train blocks, the eval blocks), int64 ``[n, block_size]``.
+
+    Fewer train blocks than asked calibrate on all of them (the summary says how many). The
+    eval blocks are the first ``train.eval_max_batches * train.micro_batch_size`` (all if unset).
+    """
+    n_calib = min(cfg.prune.calibration_samples, len(data.train))
+    if n_calib < cfg.prune.calibration_samples:
+        log.warning(
+            "prune.calibration_samples=%d but the data has %d train blocks: calibrating on all of them",
+            cfg.prune.calibration_samples,
+            n_calib,
+        )
+    t = cfg.train
+    n_eval = (
+        len(data.eval)
+        if t.eval_max_batches is None
+        else min(len(data.eval), t.eval_max_batches * t.micro_batch_size)
+    )
+    calib = data.train.take(np.arange(n_calib))["input_ids"].astype(np.int64)
+    evals = data.eval.take(np.arange(n_eval))["input_ids"].astype(np.int64)
+    return calib, evals
+
+
+@torch.no_grad()
+def eval_loss(model: torch.nn.Module, ids: np.ndarray | torch.Tensor, batch_size: int) -> float:
+    """Next-token loss over ``ids`` in batches, each batch's mean weighted by its rows (as training's eval)."""
+    ids = ids if isinstance(ids, torch.Tensor) else torch.tensor(ids)  # a copy: Ray arrays are read-only
+    device = next(model.parameters()).device
+    total, rows = 0.0, 0
+    for start in range(0, ids.shape[0], batch_size):
+        batch = ids[start : start + batch_size].to(device)
+        total += float(model(input_ids=batch, labels=batch, use_cache=False).loss.double()) * batch.shape[0]
+        rows += batch.shape[0]
+    return total / rows
+
+
+def sparsity_by_kind(model: torch.nn.Module, targets: list[str]) -> tuple[float, dict[str, float]]:
+    """(overall, per module kind) fraction of exact zeros in the target weights of every block."""
+    params = dict(model.named_parameters())
+    zeros: dict[str, int] = {}
+    sizes: dict[str, int] = {}
+    for name in target_names(model, targets):
+        kind = name.split(".")[-2]
+        zeros[kind] = zeros.get(kind, 0) + int((params[name] == 0).sum())
+        sizes[kind] = sizes.get(kind, 0) + params[name].numel()
+    overall = sum(zeros.values()) / max(1, sum(sizes.values()))
+    return overall, {k: zeros[k] / sizes[k] for k in sizes}
+
+
+def _prune_task(
+    model_dir: str,
+    output_dir: str,
+    overwrite: bool,
+    cfg_dict: dict[str, Any],
+    calib: np.ndarray,
+    evals: np.ndarray,
+    data_stats: dict[str, Any],
+) -> dict[str, Any]:
+    """The Ray task: load, eval, prune, eval, write the sparse export and its card; the summary."""
+    cfg = Config.model_validate(cfg_dict)
+    p, mb = cfg.prune, cfg.train.micro_batch_size
+    t0 = time.perf_counter()
+    model = load_model(model_dir)
+    device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
+    model.to(device)
+    before = eval_loss(model, evals, mb)
+    oneshot_prune(
+        model,
+        torch.tensor(calib),  # a copy: Ray hands the task read-only arrays
+        p.method,
+        p.final_sparsity,
+        p.pattern,
+        list(p.targets),
+        batch_size=mb,
+        blocksize=p.blocksize,
+        percdamp=p.percdamp,
+    )
+    after = eval_loss(model, evals, mb)
+    model.cpu()
+    overall, by_kind = sparsity_by_kind(model, list(p.targets))
+    shot = {
+        "source_model": model_dir,
+        "method": p.method,
+        "pattern": p.pattern,
+        "sparsity_target": p.final_sparsity,
+        "targets": list(p.targets),
+        "sparsity": overall,
+        "sparsity_by_kind": by_kind,
+        "calibration_samples": int(calib.shape[0]),
+        "block_size": int(calib.shape[1]),
+        "calibration_tokens": int(calib.size),
+        "eval_blocks": int(evals.shape[0]),
+        "eval_loss_before": before,
+        "eval_loss_after": after,
+        **({"percdamp": p.percdamp, "blocksize": p.blocksize} if p.method == "sparsegpt" else {}),
+    }
+    meta = {
+        "task": "causal_lm",
+        "config": cfg.model_dump(mode="json"),
+        "model_config": model.config.to_dict(),
+        "base_model": model_dir,
+        "data": data_stats,
+        "metrics": {"eval_loss": after, "eval_loss_dense": before, "sparsity": overall},
+        "oneshot": shot,
+    }
+    info = _write_export(model, model_dir, output_dir, overwrite, meta, torch.tensor(calib[:2]))
+    return {
+        "model_dir": output_dir,
+        **shot,
+        "max_abs_logit_diff": info["max_abs_logit_diff"],
+        "size_on_disk_bytes": info["size_on_disk_bytes"],
+        "dense_size_bytes": info["dense_size_bytes"],
+        "task_s": round(time.perf_counter() - t0, 3),
+    }
+
+
+def _write_export(
+    model: torch.nn.Module,
+    model_dir: str,
+    output_dir: str,
+    overwrite: bool,
+    meta: dict[str, Any],
+    probe: torch.Tensor,
+) -> dict[str, Any]:
+    """Write the pruned ``model`` (on the CPU) as a sparse export with the source's tokenizer and a card.
+
+    The written dir is reloaded and must reproduce the pruned model's logits on ``probe``
+    before it is renamed into place (``files.atomic_dir``).
+    """
+    method = meta["oneshot"]["method"]
+    try:
+        with atomic_dir(output_dir, replace=overwrite) as tmp:
+            facts = _write_model(model, tmp, method)  # every one-shot method writes the sparse format
+            AutoTokenizer.from_pretrained(model_dir).save_pretrained(str(tmp))
+            with torch.no_grad():
+                diff = float(
+                    (load_model(tmp)(input_ids=probe).logits - model(input_ids=probe).logits).abs().max()
+                )
+            if diff > 1e-4:
+                raise ExportError(f"the written model's logits differ from the pruned model's by {diff:.3g}")
+            info = {
+                **facts,
+                "size_on_disk_bytes": sum(f.stat().st_size for f in tmp.glob("*.safetensors")),
+                "max_abs_logit_diff": diff,
+                "checkpoint": model_dir,
+                "prune_method": method,
+            }
+            write_model_card(tmp, meta, info, name=Path(output_dir).name)
+    except FileExistsError as exc:  # the output appeared while this task ran (no --overwrite)
+        raise OneShotError(str(exc)) from None
+    return info
+
+
+def _check_resources(cfg: Config, resources: dict[str, float]) -> None:
+    """The task's CPUs (and GPU) exist in the cluster now; Ray would otherwise wait for them forever."""
+    need = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1.0} if cfg.scaling.use_gpu else {})}
+    for kind, amount in need.items():
+        if resources.get(kind, 0.0) < amount:
+            raise OneShotError(
+                f"the prune task needs {amount:g} {kind} but the Ray cluster has {resources.get(kind, 0.0):g}; "
+                "lower scaling.cpus_per_worker, or set scaling.use_gpu=false, or add nodes"
+            )
+
+
+def prune_model_dir(
+    model_dir: str | Path, cfg: Config, output_dir: str | Path, overwrite: bool = False
+) -> dict[str, Any]:
+    """One-shot prune the model dir ``model_dir`` per ``cfg.prune`` into ``output_dir``; the summary.
+
+    Sparsity is ``prune.final_sparsity`` of every ``prune.targets`` weight (per output row for
+    Wanda unstructured, per layer for SparseGPT and magnitude, 2 of every 4 for ``2:4``).
+
+    Returns:
+        The summary: method, pattern, sparsity overall and per target kind, calibration size,
+        eval loss before and after on the eval blocks, the output dir.
+
+    Raises:
+        OneShotError / ConfigError / ModelLoadError / TokenizerError / DataError: bad input
+            (checked before the data is prepared) or data, or a cluster without the task's
+            CPUs/GPU; all before the model is loaded (exit 2).
+        ExportError: the written model does not reproduce the pruned one (exit 1).
+    """
+    raw = check_request(model_dir, cfg, output_dir, overwrite)
+    src = Path(model_dir).expanduser().resolve()
+    out = Path(output_dir).expanduser().resolve()
+    tokenizer = load_tokenizer(str(src))
+    vocab = BloomConfig.from_dict(raw).vocab_size
+    if len(tokenizer) > vocab:
+        raise OneShotError(
+            f"{model_dir}'s tokenizer has {len(tokenizer)} tokens, more than the model's vocab_size={vocab}"
+        )
+    data = prepare_data(cfg, tokenizer=tokenizer)
+    calib, evals = calibration_and_eval(cfg, data)
+    init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    _check_resources(cfg, ray.cluster_resources())
+    task = ray.remote(
+        num_cpus=cfg.scaling.cpus_per_worker, num_gpus=1 if cfg.scaling.use_gpu else 0, max_retries=0
+    )(_prune_task)
+    ref = task.remote(str(src), str(out), overwrite, cfg.model_dump(mode="json"), calib, evals, data.stats)
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, BloomrayError):
+            raise exc.cause from None
+        raise
