@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tb_helpers import scalars
 
 from bloomray.config import load_config
 from bloomray.export.run import run_training
@@ -41,16 +42,7 @@ ELASTIC = [
 
 
 def losses(out: Path) -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-    from tensorboard.util.tensor_util import make_ndarray
-
-    points = {}
-    for path in sorted((out / "logs" / "tensorboard").glob("events.out.tfevents.*")):
-        for event in EventFileLoader(str(path)).Load():
-            for v in event.summary.value:
-                if v.tag == "train_loss":
-                    points[event.step] = float(make_ndarray(v.tensor))
-    return points
+    return scalars(out, "train_loss")
 
 
 def audit(out: Path) -> dict[int, list[int]]:

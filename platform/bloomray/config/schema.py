@@ -158,6 +158,15 @@ PRUNABLE_MODULES = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"
 ONESHOT_METHODS = ("wanda", "sparsegpt")
 
 
+class DistillConfig(_Section):
+    """Recovery with knowledge distillation from the dense teacher (``train/distill.py``)."""
+
+    enabled: bool = False
+    alpha: float = Field(0.5, ge=0.0, le=1.0)  # weight of the KL term; 1 - alpha on the LM loss
+    temperature: float = Field(2.0, gt=0.0)
+    teacher: str | None = None  # a model dir or hub name; None: model.path (the starting model)
+
+
 class PruneConfig(_Section):
     """Sparsity during training (what to prune, how much, and when), or of a one-shot ``bloomray prune``."""
 
@@ -179,6 +188,7 @@ class PruneConfig(_Section):
     calibration_samples: int = Field(128, ge=1)
     percdamp: float = Field(0.01, gt=0.0)
     blocksize: int = Field(128, ge=1)
+    distill: DistillConfig = DistillConfig()
 
     @field_validator("method", "pattern", mode="before")
     @classmethod
@@ -288,6 +298,12 @@ def check_combinations(cfg: Config) -> None:
             "ZeRO-Offload (deepspeed.offload_optimizer/offload_params) runs the optimizer on "
             "the CPU and needs deepspeed.optimizer=cpu_adam (DeepSpeedCPUAdam) or auto; "
             f"got deepspeed.optimizer={ds.optimizer}"
+        )
+    kd = cfg.prune.distill
+    if kd.enabled and not (kd.teacher or cfg.model.path):
+        raise ValueError(
+            "prune.distill.enabled=true needs a teacher: set model.path to the dense model the run "
+            "starts from (it becomes the teacher), or prune.distill.teacher to another model dir"
         )
     if t.compile and ds.zero_stage == 3:
         raise ValueError(

@@ -42,29 +42,46 @@ def is_eval(text: str, eval_fraction: float, seed: int) -> bool:
     It depends on the document's text only, so the split of a document never changes when
     other documents are added or removed (duplicates always land on the same side).
     """
-    h = hashlib.sha256(f"{seed}\0".encode() + text.encode("utf-8", errors="replace")).digest()
-    return int.from_bytes(h[:8], "big") < eval_fraction * 2.0**64
+    return _under(_digest(_salt(seed), text), eval_fraction)
+
+
+def _salt(seed: int) -> Any:
+    return hashlib.sha256(f"{seed}\0".encode())
+
+
+def _digest(salt: Any, text: str) -> bytes:
+    h = salt.copy()
+    h.update(text.encode("utf-8", errors="replace"))
+    return h.digest()
+
+
+def _under(digest: bytes, fraction: float) -> bool:
+    return int.from_bytes(digest[:8], "big") < fraction * 2.0**64
 
 
 def encode_unit(unit: Unit, tok: PreTrainedTokenizerBase, s: EncodeSettings) -> Iterator[dict[str, Any]]:
     """A unit's documents as chunks: ``{"tokens", "lengths", "eval", "meta"}`` (EOS appended).
 
     ``meta`` of the last chunk carries the unit's bad-row count and examples and the
-    redaction counts; ``sha256`` is the unit's content fingerprint.
+    redaction counts; ``sha256`` is the unit's content fingerprint (over the documents' salted
+    hashes, the same ones that choose their split).
     """
     rows = Rows()
     redact = Redactor(**s.redact) if s.redact is not None else None
     eos = tok.eos_token_id
     texts = texts_of(unit, s.text_column, rows, s.bad_rows)
     fingerprint = hashlib.sha256(f"{unit.kind}:{Path(unit.source).name}:{unit.start}:{unit.stop}".encode())
+    salt = _salt(s.split_seed)
     while True:
         chunk = [t for _, t in zip(range(CHUNK_DOCS), texts, strict=False)]
         last = len(chunk) < CHUNK_DOCS
         if chunk:
-            for t in chunk:
-                fingerprint.update(hashlib.sha256(t.encode("utf-8", errors="replace")).digest())
+            digests = [_digest(salt, t) for t in chunk]  # one hash per document: split and fingerprint
+            fingerprint.update(b"".join(digests))
             if unit.split is None:
-                flags = np.fromiter((is_eval(t, s.eval_fraction, s.split_seed) for t in chunk), dtype=bool)
+                flags = np.fromiter(
+                    (_under(d, s.eval_fraction) for d in digests), dtype=bool, count=len(chunk)
+                )
             else:
                 flags = np.full(len(chunk), unit.split == "eval")
             clean = [redact(t) for t in chunk] if redact else chunk
@@ -127,7 +144,8 @@ def _ray_chunks(units: list[Unit], settings: EncodeSettings, workers: int) -> It
         _Encoder,
         fn_constructor_kwargs={"settings": settings},
         batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=min(workers, len(units))),
+        # one unit at a time per actor: else the first actor up queues several and the rest idle
+        compute=ray.data.ActorPoolStrategy(size=min(workers, len(units)), max_tasks_in_flight_per_actor=1),
         num_cpus=1,
     )
     for row in ds.iter_rows():

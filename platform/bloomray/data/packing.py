@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
@@ -68,3 +70,31 @@ def encode_classification(
         "input_ids": enc["input_ids"].astype(np.int32),
         "attention_mask": enc["attention_mask"].astype(np.int8),
     }
+
+
+class ArrayBlocks:
+    """Examples held in memory as equal-length arrays (classification, sft): a
+    :class:`~bloomray.data.shards.BlockSource` like the token shards' blocks."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]) -> None:
+        self.arrays = arrays
+
+    def __len__(self) -> int:
+        return len(next(iter(self.arrays.values())))
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.arrays[name]
+
+    def __iter__(self):  # noqa: ANN204 - the column names, like a dict
+        return iter(self.arrays)
+
+    def take(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        return {k: v[idx].astype(np.int64) for k, v in self.arrays.items()}
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for name in sorted(self.arrays):
+            a = np.ascontiguousarray(self.arrays[name])
+            h.update(f"{name}/{a.dtype.str}/{a.shape}".encode())
+            h.update(a.tobytes())
+        return h.hexdigest()

@@ -19,9 +19,9 @@ from transformers import PreTrainedTokenizerBase
 
 from bloomray.config import Config
 from bloomray.data.corpus import DataError, Rows, read_rows
-from bloomray.data.packing import encode_classification, split_indices
+from bloomray.data.packing import ArrayBlocks, encode_classification, split_indices
 from bloomray.data.redact import Redactor, placeholders, redacted, redaction_stats
-from bloomray.data.shards import ArrayBlocks, BlockSource, is_token_dataset
+from bloomray.data.shards import BlockSource, is_token_dataset
 from bloomray.data.sources import EMBEDDED
 from bloomray.data.tokenizer import configured_tokenizer, load_tokenizer, train_tokenizer
 from bloomray.data.tokens import build_dataset, open_prepared, scratch_dir

@@ -28,10 +28,9 @@ from transformers import PreTrainedTokenizerBase
 
 from bloomray.config import Config
 from bloomray.data.corpus import DataError, Rows, read_rows
-from bloomray.data.packing import split_indices
+from bloomray.data.packing import ArrayBlocks, split_indices
 from bloomray.data.prepare import PreparedData
 from bloomray.data.redact import Redactor, placeholders, redaction_stats
-from bloomray.data.shards import ArrayBlocks
 from bloomray.data.tokenizer import ensure_chat_template, train_tokenizer
 
 log = logging.getLogger(__name__)

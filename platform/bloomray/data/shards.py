@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -258,9 +259,7 @@ class TokenBlocks:
         if self._maps is None:
             index = TokenDataset.open(self.root).index
             shards = index["splits"][self.split]["shards"]
-            self._maps = [
-                np.memmap(self.root / s["file"], dtype=self.dtype, mode="r") for s in shards if s["tokens"]
-            ]
+            self._maps = [_random_access(self.root / s["file"], self.dtype) for s in shards if s["tokens"]]
             self._starts = np.cumsum([0] + [len(m) for m in self._maps])
         assert self._starts is not None
         return self._maps, self._starts
@@ -287,31 +286,14 @@ class TokenBlocks:
         return hashlib.sha256(f"{fp}/{self.split}/{self.block_size}".encode()).hexdigest()
 
 
-class ArrayBlocks:
-    """Examples held in memory as equal-length arrays (classification, sft): the same interface."""
-
-    def __init__(self, arrays: dict[str, np.ndarray]) -> None:
-        self.arrays = arrays
-
-    def __len__(self) -> int:
-        return len(next(iter(self.arrays.values())))
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        return self.arrays[name]
-
-    def __iter__(self):  # noqa: ANN204 - the column names, like a dict
-        return iter(self.arrays)
-
-    def take(self, idx: np.ndarray) -> dict[str, np.ndarray]:
-        return {k: v[idx].astype(np.int64) for k, v in self.arrays.items()}
-
-    def fingerprint(self) -> str:
-        h = hashlib.sha256()
-        for name in sorted(self.arrays):
-            a = np.ascontiguousarray(self.arrays[name])
-            h.update(f"{name}/{a.dtype.str}/{a.shape}".encode())
-            h.update(a.tobytes())
-        return h.hexdigest()
+def _random_access(path: Path, dtype: str) -> np.memmap:
+    """``path`` mapped read-only, with read-ahead off: blocks are read at random, and the kernel's
+    default read-around (128 KiB-2 MiB per fault) would make the resident size of a worker grow
+    with the corpus instead of with the blocks it read."""
+    m = np.memmap(path, dtype=dtype, mode="r")
+    if hasattr(mmap, "MADV_RANDOM") and getattr(m, "_mmap", None) is not None:
+        m._mmap.madvise(mmap.MADV_RANDOM)
+    return m
 
 
 def all_blocks(source: BlockSource) -> dict[str, np.ndarray]:

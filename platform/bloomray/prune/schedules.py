@@ -24,8 +24,13 @@ class Schedule:
 
     @classmethod
     def from_config(cls, prune_cfg, total_steps: int) -> Schedule:
-        """Steps from the config's fractions of ``total_steps``; end >= start >= 0."""
-        start = int(round(prune_cfg.start_fraction * total_steps))
+        """Steps from the config's fractions of ``total_steps``; end >= start >= 1.
+
+        Masks are computed after an optimizer step (``PruneHook.after_step`` sees steps 1, 2,
+        ...), so a schedule starting at 0 (``start_fraction=0``) starts after step 1: else a
+        ``one_shot`` schedule at 0 would never prune.
+        """
+        start = max(1, int(round(prune_cfg.start_fraction * total_steps)))
         end = max(start, int(round(prune_cfg.end_fraction * total_steps)))
         return cls(
             prune_cfg.schedule,

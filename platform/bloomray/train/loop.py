@@ -22,6 +22,7 @@ from bloomray.train.batches import ShardedBatches, eval_batches
 from bloomray.train.checkpoint import checkpoint_dir_name, save_and_report
 from bloomray.train.collectives import all_reduce_sum, barrier
 from bloomray.train.contract import WorkerPlan, from_loop_config
+from bloomray.train.distill import Distiller
 from bloomray.train.engine import build_engine, compute_dtype
 from bloomray.train.evaluation import evaluate, forward_outputs, probe_logits
 from bloomray.train.gauges import export_step
@@ -71,6 +72,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     engine, model = build_engine(cfg, plan.model_config, total, plan.lr_segments)
     hooks = build_hooks(cfg, engine, model, total)
+    distiller = Distiller(cfg, device) if cfg.prune.distill.enabled else None
     t_restore = time.perf_counter()
     restored = restore_latest(engine, device=device)
     step = restored.step
@@ -108,7 +110,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         engine.train()
         for a in range(ga):
             batch = {k: v.to(device) for k, v in batches.get(step * ga + a).items()}
-            loss = _forward(engine, cfg.task, batch)
+            # classification and sft batches carry their own labels and attention_mask (sft:
+            # -100 on prompt and padding); packed causal-LM blocks predict every token.
+            outputs = forward_outputs(engine, cfg.task, batch)
+            loss = distiller.loss(outputs, batch) if distiller else outputs.loss
             engine.backward(loss)
             if a == ga - 1:
                 for hook in hooks:
@@ -136,6 +141,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         metrics.update(extra)
         for hook in hooks:
             metrics.update(hook.log_metrics())
+        if distiller:
+            metrics.update(distiller.log_metrics())
         metrics["epoch"] = step / batches.steps_per_epoch
         if do_eval:
             metrics.update(evaluate(engine, cfg.task, evals, device, plan.num_labels))
@@ -175,12 +182,6 @@ def _sample_log(log_dir: Path, rank: int, tag: str) -> Any:
     path = log_dir / "samples" / f"rank{rank}-{tag}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     return path.open("a")
-
-
-def _forward(engine: Any, task: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    # classification and sft batches carry their own labels and attention_mask (sft: -100 on
-    # prompt and padding); packed causal-LM blocks have neither and predict every token.
-    return forward_outputs(engine, task, batch).loss
 
 
 def _step_metrics(

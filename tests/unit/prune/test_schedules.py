@@ -232,3 +232,20 @@ def test_unquoted_two_four_in_yaml_file_is_the_method(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text("train:\n  max_steps: 5\nprune:\n  method: 2:4\n  final_sparsity: 0.5\n")
     assert load_config(path).prune.method == "2:4"
+
+
+def test_a_schedule_starting_at_zero_prunes_after_the_first_step():
+
+    cfg = load_config(
+        None,
+        [
+            "train.max_steps=16",
+            "prune.method=magnitude",
+            "prune.schedule=one_shot",
+            "prune.start_fraction=0.0",
+        ],
+    )
+    s = Schedule.from_config(cfg.prune, 16)
+    assert (
+        s.start_step == 1 and s.steps_with_updates() == [1] and s.sparsity_at(1) == cfg.prune.final_sparsity
+    )

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from bloomray.data.shards import ArrayBlocks
+from bloomray.data.packing import ArrayBlocks
 from bloomray.train.batches import (
     DataTooSmallError,
     ShardedBatches,

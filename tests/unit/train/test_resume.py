@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from bloomray.config import ConfigError, load_config
-from bloomray.data.shards import ArrayBlocks
+from bloomray.data.packing import ArrayBlocks
 from bloomray.files import hash_dir
 from bloomray.train.resume import (
     ResumeContract,

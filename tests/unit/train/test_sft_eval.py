@@ -6,8 +6,7 @@ import torch
 import torch.nn.functional as F
 from tiny_bloom import VOCAB, make_model
 
-from bloomray.train.evaluation import evaluate
-from bloomray.train.loop import _forward
+from bloomray.train.evaluation import evaluate, forward_outputs
 
 
 def sft_batch(lengths: list[tuple[int, int]], width: int, seed: int) -> dict[str, torch.Tensor]:
@@ -36,12 +35,12 @@ def test_sft_forward_scores_only_response_tokens():
     model = make_model("causal_lm")
     batch = sft_batch([(5, 3), (2, 6)], width=10, seed=0)
     with torch.no_grad():
-        loss = _forward(model, "sft", batch)
+        loss = forward_outputs(model, "sft", batch).loss
     torch.testing.assert_close(loss, token_losses(model, batch).mean())
     # What the padding holds changes nothing (right padding, masked, unlabelled).
     batch["input_ids"][0, 8:] = 7
     with torch.no_grad():
-        torch.testing.assert_close(_forward(model, "sft", batch), loss)
+        torch.testing.assert_close(forward_outputs(model, "sft", batch).loss, loss)
 
 
 def test_sft_eval_loss_is_a_per_token_mean_over_batches():
