@@ -279,6 +279,7 @@ class TokenBlocks:
         bs = self.block_size
         rows = [self.span(int(i) * bs, (int(i) + 1) * bs) for i in idx]
         out = np.stack(rows).astype(np.int64) if rows else np.empty((0, bs), dtype=np.int64)
+        _release(self._maps or [])
         return {"input_ids": out}
 
     def fingerprint(self) -> str:
@@ -287,13 +288,25 @@ class TokenBlocks:
 
 
 def _random_access(path: Path, dtype: str) -> np.memmap:
-    """``path`` mapped read-only, with read-ahead off: blocks are read at random, and the kernel's
-    default read-around (128 KiB-2 MiB per fault) would make the resident size of a worker grow
-    with the corpus instead of with the blocks it read."""
+    """``path`` mapped read-only, with read-ahead off: blocks are read at random, so the kernel's
+    read-around would only read pages no block needs."""
     m = np.memmap(path, dtype=dtype, mode="r")
     if hasattr(mmap, "MADV_RANDOM") and getattr(m, "_mmap", None) is not None:
         m._mmap.madvise(mmap.MADV_RANDOM)
     return m
+
+
+def _release(maps: list[np.memmap]) -> None:
+    """Unmap the pages read so far (they stay in the page cache, shared and reclaimable).
+
+    The kernel maps a whole page-cache folio (up to 2 MiB) on a fault, so without this the
+    resident size of a worker grows toward the size of the corpus as it reads blocks at
+    random, although none of it is private memory. The blocks were copied out before this.
+    """
+    if hasattr(mmap, "MADV_DONTNEED"):
+        for m in maps:
+            if getattr(m, "_mmap", None) is not None:
+                m._mmap.madvise(mmap.MADV_DONTNEED)
 
 
 def all_blocks(source: BlockSource) -> dict[str, np.ndarray]:
