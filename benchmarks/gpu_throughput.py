@@ -257,7 +257,7 @@ class PlainLoop:
         return peak <= MEM_FRACTION * total, peak / 2**30
 
     def run(self, data: PreparedData, micro: int, warmup: int, timed: int) -> dict[str, Any]:
-        batches = ShardedBatches(data.train, 0, 1, micro, self.cfg.train.seed)  # what rank 0 of 1 reads
+        batches = ShardedBatches(data.train, 0, 1, micro, 1, self.cfg.train.seed)  # what rank 0 of 1 reads
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         loss_sum, tokens, t0 = torch.zeros((), device=self.device), 0, time.perf_counter()

@@ -186,8 +186,8 @@ def run_plain(
     model.train()
     optimizer = plain_optimizer(cfg, model, variant)
     scheduler = build_scheduler(cfg, optimizer, warmup + timed)
-    batches = ShardedBatches(data.train, 0, 1, MICRO, cfg.train.seed)  # what rank 0 of 1 reads
     ga = cfg.grad_accum_steps
+    batches = ShardedBatches(data.train, 0, 1, MICRO, ga, cfg.train.seed)  # what rank 0 of 1 reads
     loss_sum = torch.zeros(())  # like bloomray: summed on the device, read at log steps only
     tokens, t0 = 0, time.perf_counter()
     for step in range(warmup + timed):

@@ -26,7 +26,7 @@ from transformers import BloomConfig
 
 from bloomray.data.corpus import embedded_documents
 from bloomray.data.tokenizer import train_tokenizer
-from bloomray.export.consolidate import _write_model
+from bloomray.export.consolidate import write_model
 from bloomray.export.load import load_model
 from bloomray.export.sparse import SPARSE_KEY
 from bloomray.model.build import build_from_config
@@ -118,8 +118,8 @@ def exports(tmp_path_factory) -> dict[str, Path]:
     model.save_pretrained(dirs["fp"])
     dirs["compact"].mkdir()
     dirs["sparse"].mkdir()
-    _write_model(model, dirs["compact"], "structured")
-    _write_model(model, dirs["sparse"], "magnitude")
+    write_model(model, dirs["compact"], "structured")
+    write_model(model, dirs["sparse"], "magnitude")
     for d in dirs.values():
         tok.save_pretrained(d)
     dirs["int8"] = dirs["fp_int8"] = quantize_w8a8(dirs["fp"], root / "int8")

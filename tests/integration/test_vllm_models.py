@@ -91,12 +91,12 @@ def prune_to_spec(model: torch.nn.Module) -> None:
 
 def write_export(out: Path, tok, structured: bool) -> Path:
     """A bloomray export (dense, or structured-pruned and compacted) with its tokenizer."""
-    from bloomray.export.consolidate import _write_model
+    from bloomray.export.consolidate import write_model
 
     model = make_model(len(tok))
     if structured:
         prune_to_spec(model)
-    _write_model(model, out, "structured" if structured else "none")
+    write_model(model, out, "structured" if structured else "none")
     tok.save_pretrained(str(out))
     return out
 

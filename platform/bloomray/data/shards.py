@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,6 +31,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from bloomray.data.corpus import DataError
+from bloomray.data.mapped import map_for_random_reads, release
 from bloomray.files import atomic_write_text
 
 FORMAT = "bloomray-tokens"
@@ -205,7 +205,7 @@ class TokenDataset:
 
     def blocks(self, split: str, block_size: int) -> TokenBlocks:
         """The split cut into ``block_size``-token blocks (the tail is dropped)."""
-        return TokenBlocks(self.path, split, block_size, self.tokens(split), self.index["dtype"])
+        return TokenBlocks(self.path, split, block_size, self.tokens(split), self.index["dtype"], self)
 
     def verify(self) -> None:
         """Check every shard's sha256 against the index.
@@ -239,74 +239,70 @@ class BlockSource(Protocol):
 class TokenBlocks:
     """``input_ids`` blocks of one split, read from the memory-mapped shards.
 
-    Pickles as its path and shape only (cheap to send to every worker); the shards are
-    mapped on first read in each process.
+    Pickles as its path and shape only (cheap to send to every worker); the dataset is opened
+    and the shards are mapped on first use in each process.
     """
 
-    def __init__(self, root: Path, split: str, block_size: int, tokens: int, dtype: str) -> None:
+    def __init__(
+        self,
+        root: Path,
+        split: str,
+        block_size: int,
+        tokens: int,
+        dtype: str,
+        dataset: TokenDataset | None = None,
+    ) -> None:
         self.root, self.split, self.block_size = Path(root), split, block_size
         self.n_tokens, self.dtype = tokens, dtype
+        self._dataset = dataset  # ``root`` opened; not pickled: opened once in each process
         self._maps: list[np.memmap] | None = None
         self._starts: np.ndarray | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_maps": None, "_starts": None}
+        return {**self.__dict__, "_dataset": None, "_maps": None, "_starts": None}
 
     def __len__(self) -> int:
         return self.n_tokens // self.block_size
 
+    def _index(self) -> dict[str, Any]:
+        if self._dataset is None:
+            self._dataset = TokenDataset.open(self.root)
+        return self._dataset.index
+
     def _open(self) -> tuple[list[np.memmap], np.ndarray]:
         if self._maps is None:
-            index = TokenDataset.open(self.root).index
-            shards = index["splits"][self.split]["shards"]
-            self._maps = [_random_access(self.root / s["file"], self.dtype) for s in shards if s["tokens"]]
+            shards = self._index()["splits"][self.split]["shards"]
+            self._maps = [
+                map_for_random_reads(self.root / s["file"], self.dtype) for s in shards if s["tokens"]
+            ]
             self._starts = np.cumsum([0] + [len(m) for m in self._maps])
         assert self._starts is not None
         return self._maps, self._starts
 
-    def span(self, start: int, stop: int) -> np.ndarray:
-        """Tokens ``[start, stop)`` of the split's stream (across shard boundaries)."""
+    def span(self, start: int, stop: int, touched: list[tuple[int, int, int]] | None = None) -> np.ndarray:
+        """Tokens ``[start, stop)`` of the split's stream (across shard boundaries); appends
+        ``(shard, first, end)`` of each piece read to ``touched`` when given."""
         maps, starts = self._open()
         parts, pos = [], start
         k = int(np.searchsorted(starts, pos, side="right")) - 1
         while pos < stop:
             end = min(stop, int(starts[k + 1]))
             parts.append(maps[k][pos - starts[k] : end - starts[k]])
+            if touched is not None:
+                touched.append((k, int(pos - starts[k]), int(end - starts[k])))
             pos, k = end, k + 1
         return np.concatenate(parts) if len(parts) != 1 else np.asarray(parts[0])
 
     def take(self, idx: np.ndarray) -> dict[str, np.ndarray]:
-        bs = self.block_size
-        rows = [self.span(int(i) * bs, (int(i) + 1) * bs) for i in idx]
+        bs, touched = self.block_size, []  # (shard, first, end) of every piece read
+        rows = [self.span(int(i) * bs, (int(i) + 1) * bs, touched) for i in idx]
         out = np.stack(rows).astype(np.int64) if rows else np.empty((0, bs), dtype=np.int64)
-        _release(self._maps or [])
+        release(self._maps or [], touched)
         return {"input_ids": out}
 
     def fingerprint(self) -> str:
-        fp = TokenDataset.open(self.root).index["fingerprint"]
+        fp = self._index()["fingerprint"]
         return hashlib.sha256(f"{fp}/{self.split}/{self.block_size}".encode()).hexdigest()
-
-
-def _random_access(path: Path, dtype: str) -> np.memmap:
-    """``path`` mapped read-only, with read-ahead off: blocks are read at random, so the kernel's
-    read-around would only read pages no block needs."""
-    m = np.memmap(path, dtype=dtype, mode="r")
-    if hasattr(mmap, "MADV_RANDOM") and getattr(m, "_mmap", None) is not None:
-        m._mmap.madvise(mmap.MADV_RANDOM)
-    return m
-
-
-def _release(maps: list[np.memmap]) -> None:
-    """Unmap the pages read so far (they stay in the page cache, shared and reclaimable).
-
-    The kernel maps a whole page-cache folio (up to 2 MiB) on a fault, so without this the
-    resident size of a worker grows toward the size of the corpus as it reads blocks at
-    random, although none of it is private memory. The blocks were copied out before this.
-    """
-    if hasattr(mmap, "MADV_DONTNEED"):
-        for m in maps:
-            if getattr(m, "_mmap", None) is not None:
-                m._mmap.madvise(mmap.MADV_DONTNEED)
 
 
 def all_blocks(source: BlockSource) -> dict[str, np.ndarray]:

@@ -140,13 +140,21 @@ def configured_tokenizer(cfg: Config) -> PreTrainedTokenizerBase | None:
     local = Path(model_path).expanduser()
     if not local.is_dir() or _has_tokenizer(local):  # the model's own copy is there to compare with
         own = load_tokenizer(model_path)
-        if own.get_vocab() != tok.get_vocab():
-            raise TokenizerError(
-                f"data.tokenizer.path={tcfg.path} ({len(tok)} tokens) is not the tokenizer of "
-                f"model.path={model_path} ({len(own)} tokens): their vocabularies differ, so every id "
-                "would mean another token. Leave data.tokenizer.path unset to use the model's own"
-            )
+        require_same_vocab(
+            tok,
+            own,
+            f"data.tokenizer.path={tcfg.path} ({len(tok)} tokens) is not the tokenizer of "
+            f"model.path={model_path} ({len(own)} tokens): their vocabularies differ, so every id "
+            "would mean another token. Leave data.tokenizer.path unset to use the model's own",
+        )
     return tok
+
+
+def require_same_vocab(tok: PreTrainedTokenizerBase, own: PreTrainedTokenizerBase, mismatch: str) -> None:
+    """Raise :class:`TokenizerError` with ``mismatch`` (what differs and what to do) unless ``tok``
+    gives every token the id ``own`` gives it."""
+    if tok.get_vocab() != own.get_vocab():
+        raise TokenizerError(mismatch)
 
 
 def _has_tokenizer(model_dir: Path) -> bool:

@@ -14,7 +14,7 @@ from bloomray.data.ingest import write_dataset
 from bloomray.data.redact import Redactor, placeholders
 from bloomray.data.shards import DEFAULT_SHARD_TOKENS, TokenDataset, is_token_dataset, token_dtype
 from bloomray.data.sources import EncodeSettings, list_units, redact_arguments, sample_texts
-from bloomray.data.tokenizer import TokenizerError, configured_tokenizer, load_tokenizer, train_tokenizer
+from bloomray.data.tokenizer import configured_tokenizer, load_tokenizer, require_same_vocab, train_tokenizer
 
 
 def encode_settings(cfg: Config, tokenizer_dir: Path) -> EncodeSettings:
@@ -115,12 +115,13 @@ def open_prepared(cfg: Config, tok: PreTrainedTokenizerBase | None) -> TokenData
     ds = TokenDataset.open(d.path)
     if tok is not None:
         own = load_tokenizer(str(ds.tokenizer_dir))
-        if own.get_vocab() != tok.get_vocab():
-            raise TokenizerError(
-                f"data.path={d.path} was tokenized with another tokenizer ({len(own)} tokens) than "
-                f"the run's ({len(tok)} tokens); prepare it again with this model's tokenizer "
-                "(`bloomray prepare-data --config` with the same model.path)"
-            )
+        require_same_vocab(
+            tok,
+            own,
+            f"data.path={d.path} was tokenized with another tokenizer ({len(own)} tokens) than "
+            f"the run's ({len(tok)} tokens); prepare it again with this model's tokenizer "
+            "(`bloomray prepare-data --config` with the same model.path)",
+        )
     return ds
 
 

@@ -155,7 +155,7 @@ def compact_model(model: torch.nn.Module, tolerance: float = 1e-4) -> tuple[torc
     }
 
 
-def _write_model(model: torch.nn.Module, tmp: Path, prune_method: str) -> dict[str, Any]:
+def write_model(model: torch.nn.Module, tmp: Path, prune_method: str) -> dict[str, Any]:
     """Save ``model`` into ``tmp`` in the most compact loadable form for its pruning method."""
     facts: dict[str, Any] = {"parameters_dense": count_parameters(model)}
     dense_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
@@ -225,7 +225,7 @@ def _export_local(ckpt: Path, out: Path, tolerance: float | None, source: str) -
     model, meta = load_checkpoint_model(ckpt)
     prune_method = meta["config"].get("prune", {}).get("method", "none")
     with atomic_dir(out) as tmp:
-        facts = _write_model(model, tmp, prune_method)
+        facts = write_model(model, tmp, prune_method)
         if (ckpt / TOKENIZER_DIR).is_dir():
             AutoTokenizer.from_pretrained(str(ckpt / TOKENIZER_DIR)).save_pretrained(str(tmp))
         precision = meta["config"]["deepspeed"]["precision"]

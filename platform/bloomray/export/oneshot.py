@@ -32,7 +32,7 @@ from bloomray.data.prepare import PreparedData, prepare_data
 from bloomray.data.tokenizer import load_tokenizer
 from bloomray.errors import BloomrayError
 from bloomray.export.card import write_model_card
-from bloomray.export.consolidate import ExportError, _write_model
+from bloomray.export.consolidate import ExportError, write_model
 from bloomray.export.load import load_model, task_of
 from bloomray.files import atomic_dir
 from bloomray.model.build import ModelLoadError
@@ -231,7 +231,7 @@ def _write_export(
     method = meta["oneshot"]["method"]
     try:
         with atomic_dir(output_dir, replace=overwrite) as tmp:
-            facts = _write_model(model, tmp, method)  # every one-shot method writes the sparse format
+            facts = write_model(model, tmp, method)  # every one-shot method writes the sparse format
             AutoTokenizer.from_pretrained(model_dir).save_pretrained(str(tmp))
             with torch.no_grad():
                 diff = float(

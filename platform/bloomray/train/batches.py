@@ -80,7 +80,11 @@ class ShardedBatches:
 
     def get(self, index: int) -> dict[str, torch.Tensor]:
         """The ``index``-th micro-batch of this rank (epochs continue seamlessly)."""
-        return {k: torch.from_numpy(v) for k, v in self.source.take(self.ids(index)).items()}
+        return self.take(self.ids(index))
+
+    def take(self, ids: np.ndarray) -> dict[str, torch.Tensor]:
+        """The examples ``ids`` (a micro-batch's, from :meth:`ids`) as tensors."""
+        return {k: torch.from_numpy(v) for k, v in self.source.take(ids).items()}
 
     def epoch_of_step(self, step: int) -> int:
         """The epoch optimizer step ``step`` (0-based) falls in."""

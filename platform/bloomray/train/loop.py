@@ -108,8 +108,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     while step < total:
         engine.train()
+        used: list[int] = []  # the example ids of this step, for the audit
         for a in range(ga):
-            batch = {k: v.to(device) for k, v in batches.get(step * ga + a).items()}
+            ids = batches.ids(step * ga + a)
+            if audit is not None:
+                used += ids.tolist()
+            batch = {k: v.to(device) for k, v in batches.take(ids).items()}
             # classification and sft batches carry their own labels and attention_mask (sft:
             # -100 on prompt and padding); packed causal-LM blocks predict every token.
             outputs = forward_outputs(engine, cfg.task, batch)
@@ -124,8 +128,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             tokens += batch["input_ids"].numel()
         step += 1
         if audit is not None:
-            ids = [int(i) for a in range(ga) for i in batches.ids((step - 1) * ga + a)]
-            audit.write(json.dumps({"step": step, "ids": ids}) + "\n")
+            audit.write(json.dumps({"step": step, "ids": used}) + "\n")
             audit.flush()
         extra: dict[str, float] = {}
         for hook in hooks:

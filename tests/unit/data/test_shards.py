@@ -71,6 +71,36 @@ def test_blocks_pickle_as_a_path_and_reopen(tmp_path: Path):
     assert np.array_equal(pickle.loads(data).take(np.array([3, 0]))["input_ids"], first)
 
 
+def test_blocks_open_the_dataset_once_and_unmap_only_the_shards_they_read(tmp_path: Path, monkeypatch):
+    import mmap
+    import pickle
+
+    write_synthetic(tmp_path / "ds", [np.arange(50)] * 20, 100, shard_tokens=64)  # 8 blocks a shard
+    blocks = pickle.loads(pickle.dumps(TokenDataset.open(tmp_path / "ds").blocks("train", 8)))
+    opened, real_open = [], TokenDataset.open
+    monkeypatch.setattr(TokenDataset, "open", lambda path: opened.append(path) or real_open(path))
+    maps, _ = blocks._open()
+    advised = []
+
+    class Spy:  # the shard's mmap, recording what is unmapped
+        def __init__(self, k: int, m: mmap.mmap) -> None:
+            self.k, self.m = k, m
+
+        def __len__(self) -> int:
+            return len(self.m)
+
+        def madvise(self, *args: int) -> None:
+            advised.append((self.k, *args))
+            self.m.madvise(*args)
+
+    for k, m in enumerate(maps):
+        m._mmap = Spy(k, m._mmap)
+    assert blocks.take(np.array([9, 0]))["input_ids"].tolist() == [list(range(22, 30)), list(range(8))]
+    blocks.fingerprint()
+    assert len(maps) == 13 and len(opened) == 1
+    assert advised == [(0, mmap.MADV_DONTNEED, 0, 128), (1, mmap.MADV_DONTNEED, 0, 128)]
+
+
 def test_truncated_missing_and_corrupt_shards_are_named(tmp_path: Path):
     write_synthetic(tmp_path / "ds", [np.arange(50)] * 20, 100, shard_tokens=64)
     shard = tmp_path / "ds" / "train-00001.bin"

@@ -14,7 +14,7 @@ from tokenizers.pre_tokenizers import Whitespace
 from transformers import PreTrainedTokenizerFast
 
 from bloomray.export.card import write_model_card
-from bloomray.export.consolidate import _write_model
+from bloomray.export.consolidate import write_model
 from bloomray.prune.masks import structured_masks, target_names, unstructured_masks
 
 
@@ -55,7 +55,7 @@ def test_card_snippet_loads_the_export(tmp_path: Path, monkeypatch, task: str, m
         _prune(model, method)
     out = tmp_path / "exported"
     out.mkdir()
-    facts = _write_model(model, out, method)
+    facts = write_model(model, out, method)
     _tokenizer().save_pretrained(str(out))
     meta = {"task": task, "config": {"prune": {"method": method}}, "model_config": {}}
     write_model_card(out, meta, {**facts, "checkpoint": "ckpt"})

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from tiny_bloom import PAD, TARGETS, VOCAB, make_model
 from transformers import BloomForCausalLM, BloomForSequenceClassification
 
-from bloomray.export.consolidate import _write_model, compact_model
+from bloomray.export.consolidate import compact_model, write_model
 from bloomray.export.latency import forward_latency_ms
 from bloomray.export.load import load_model, task_of
 from bloomray.export.sparse import SPARSE_FILE, SPARSE_KEY, load_sparse, save_sparse
@@ -191,7 +191,7 @@ def test_sparse_edge_cases_round_trip(tmp_path: Path):
 def test_magnitude_export_is_sparse_packed_and_loads(tmp_path: Path, task: str):
     model = make_model(task, seed=2)
     magnitude_prune(model)
-    facts = _write_model(model, tmp_path, "magnitude")
+    facts = write_model(model, tmp_path, "magnitude")
     assert facts["sparse_tensors"] == len(target_names(model, TARGETS))
     assert (tmp_path / SPARSE_FILE).exists() and not (tmp_path / "model.safetensors").exists()
     raw = json.loads((tmp_path / "config.json").read_text())
@@ -207,7 +207,7 @@ def test_magnitude_export_is_sparse_packed_and_loads(tmp_path: Path, task: str):
 def test_structured_export_is_compact_and_loads(tmp_path: Path):
     model = make_model(seed=3)
     structured_prune(model)
-    facts = _write_model(model, tmp_path, "structured")
+    facts = write_model(model, tmp_path, "structured")
     assert facts["parameters"] < facts["parameters_dense"] == count_parameters(model)
     loaded = load_model(tmp_path)
     assert count_parameters(loaded) == facts["parameters"]
