@@ -24,6 +24,9 @@ def ensure_local_ray() -> None:
     import ray
 
     if not ray.is_initialized():
+        from bloomray.raycluster import apply_serve_env
+
+        apply_serve_env()  # the Serve settings every local Ray bloomray starts has
         # Metrics reach Ray's Prometheus endpoint every second, so tests can scrape them.
         ray.init(
             num_cpus=TEST_RAY_CPUS,

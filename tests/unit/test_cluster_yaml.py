@@ -5,6 +5,7 @@ from pathlib import Path
 import yaml
 
 from bloomray.config import resolve_preset
+from bloomray.raycluster import SERVE_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,6 +31,9 @@ def test_cluster_yaml_parses_and_has_gpu_workers_and_setup():
         c for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"] if "ray start" in c
     ]
     assert len(starts) == 2 and all("RAY_AUTH_MODE=token " in c for c in starts), starts
+    # Ray Serve's throughput settings reach every Serve process, on any node.
+    for key, value in SERVE_ENV.items():
+        assert all(f"{key}={value} " in c for c in starts), (key, starts)
 
 
 def test_gpu_presets_point_checkpoints_at_shared_storage():
