@@ -94,6 +94,29 @@ def make_model_dirs(root: Path) -> dict[str, Path]:
     return dirs
 
 
+def make_tiny_dir(path: Path, task: str = "causal_lm") -> Path:
+    """A smallest servable dir (hidden 64, 2 heads: head size 32, 1 layer, a 300-token BPE), for
+    tests that start or build the app and need a real model dir, not model quality."""
+    from bloomray.data.corpus import embedded_documents
+    from bloomray.data.tokenizer import train_tokenizer
+    from bloomray.model.build import build_from_config
+
+    tok = train_tokenizer(embedded_documents()[:5], 300)
+    cfg = BloomConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        n_layer=1,
+        n_head=2,
+        num_labels=2,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+    )
+    build_from_config(task, cfg, seed=0).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 def post(url: str, path: str, body: Any, headers: dict[str, str] = HDR) -> httpx.Response:
     data = body if isinstance(body, (bytes, str)) else json.dumps(body)
     return httpx.post(

@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -281,6 +282,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from bloomray.raycluster import init_ray
     from bloomray.serving.run import DEFAULT_CONFIG, serve_forever, start_server
 
     if args.print_config:
@@ -290,6 +292,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for i, item in enumerate(args.model):
         name, sep, path = item.partition("=")
         models[name if sep else ("default" if i == 0 else Path(item).name)] = path if sep else item
+    init_ray(args.address)
+    # After ray.init: its core worker installs a SIGTERM handler that dumps a stack and aborts.
+    # Until serve_forever takes over, SIGTERM interrupts the start-up as Ctrl-C does (exit 130).
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     url = start_server(models or None, args.config or DEFAULT_CONFIG, args.port, args.address, host=args.host)
     return serve_forever(url)
 

@@ -2,7 +2,8 @@
 
 pretrain a small BLOOM -> Tune search over learning rate and structured-pruning schedules
 -> the winner, compacted -> served on Ray Serve + vLLM (autoscaling) -> real HTTP requests
--> shut down. About 10 minutes on 2 CPU cores.
+-> shut down; a completion that repeats one token through it fails the demo (exit 1).
+About 10 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import csv
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import threading
@@ -20,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from bloomray.config import ConfigError, load_config
+from bloomray.errors import BloomrayError
 from bloomray.export.run import run_training
 from bloomray.train.progress import PROGRESS_FILE
 
@@ -73,6 +76,23 @@ PRETRAIN = [
 # What the demo's requests ask for: sampled as a user would (greedy decoding of a small model
 # loops), with a mild frequency penalty against repeats.
 SAMPLING = {"temperature": 0.7, "top_p": 0.9, "frequency_penalty": 0.5, "seed": 0}
+
+
+class DegenerateCompletionError(BloomrayError, RuntimeError):
+    """Exit code 1: a completion of the served winner repeats one token through it."""
+
+
+def repeated_token(text: str, min_units: int = 4, share: float = 0.5) -> str | None:
+    """The word, punctuation mark or newline making up ``share`` or more of a completion of at
+    least ``min_units`` of them (a degenerate model's "the the the", ",,,,"), or None."""
+    units = re.findall(r"\w+|[^\w\s]|\n", text.lower())
+    unit = max(set(units), key=units.count, default=None)
+    return unit if len(units) >= min_units and units.count(unit) >= share * len(units) else None
+
+
+def _verdict(text: str) -> str:
+    unit = repeated_token(text)
+    return f"  <- DEGENERATE: {unit!r} repeated through the completion" if unit else ""
 
 
 def run_demo(
@@ -154,7 +174,7 @@ def run_demo(
     print(f"[demo] serving at {url}", flush=True)
 
     _banner("4/4 requests over real HTTP")
-    _send_requests(url, os.environ["BLOOMRAY_API_KEYS"].split(",")[0])
+    completions = _send_requests(url, os.environ["BLOOMRAY_API_KEYS"].split(",")[0])
     serve.shutdown()
     ray.shutdown()
 
@@ -172,6 +192,12 @@ def run_demo(
         ("search summary", output / "tune" / "summary.json"),
     ]:
         print(f"  {label:<20} {path}")
+    bad = [(text, unit) for text in completions if (unit := repeated_token(text))]
+    if bad:
+        raise DegenerateCompletionError(
+            f"the served winner repeats {bad[0][1]!r} through its completion {bad[0][0]!r}",
+            hint="pretrain longer (--set train.max_steps=...) or search more trials (--trials)",
+        )
     return {"pretrain": pre, "tune": search}
 
 
@@ -250,15 +276,17 @@ def _print_pareto(trials_csv: Path, search: dict) -> None:
     print(f"[demo] winner: {search['selection']}", flush=True)
 
 
-def _send_requests(url: str, key: str) -> None:
+def _send_requests(url: str, key: str) -> list[str]:
+    """Send the demo's requests, print each answer; returns the completions' texts."""
     import httpx
 
     headers = {"Authorization": f"Bearer {key}"}
     body = {"model": "winner", "prompt": "The for statement", "max_tokens": 32, **SAMPLING}
     r = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=120)
+    texts = [r.json()["choices"][0]["text"], ""]
     print(
-        f"[demo] POST /v1/completions -> {r.status_code}: {json.dumps(r.json()['choices'][0]['text'])} "
-        f"usage={r.json()['usage']}"
+        f"[demo] POST /v1/completions -> {r.status_code}: {json.dumps(texts[0])} "
+        f"usage={r.json()['usage']}{_verdict(texts[0])}"
     )
     print("[demo] POST /v1/completions stream=true -> ", end="", flush=True)
     with httpx.stream(
@@ -270,9 +298,10 @@ def _send_requests(url: str, key: str) -> None:
     ) as s:
         for line in s.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
-                print(json.loads(line[6:])["choices"][0]["text"], end="", flush=True)
+                texts[1] += (piece := json.loads(line[6:])["choices"][0]["text"])
+                print(piece, end="", flush=True)
             elif line == "data: [DONE]":
-                print("  [DONE]")
+                print(f"  [DONE]{_verdict(texts[1])}")
     bad = httpx.post(
         f"{url}/v1/completions",
         json={"model": "winner", "prompt": "", "max_tokens": 5},
@@ -282,6 +311,7 @@ def _send_requests(url: str, key: str) -> None:
     print(f"[demo] bad request (empty prompt) -> {bad.status_code}: {bad.json()['error']['message']}")
     unauth = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
     print(f"[demo] no API key -> {unauth.status_code}: {unauth.json()['error']['message']}")
+    return texts
 
 
 def _free_port() -> int:

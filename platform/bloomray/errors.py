@@ -19,6 +19,7 @@ CorruptCheckpointError      2     a checkpoint dir is not one, or is incomplete/
 QuantizeError               2     the model dir cannot be quantized as asked (``serving.quantize``)
 TrainingError (train.run)   1     training (or every trial of a search) failed after retries
 ExportError                 1     the export failed: target exists, shapes or logits mismatch
+DegenerateCompletionError   1     ``bloomray demo``: a served completion repeats one token (``demo``)
 ==========================  ====  ==========================================================
 
 This module is at the bottom of the package: it imports nothing from bloomray.

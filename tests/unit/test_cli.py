@@ -265,6 +265,7 @@ ERROR_KINDS = [
     ("bloomray.serving.quantize", "QuantizeError", 2, ValueError),
     ("bloomray.train.run", "TrainingError", 1, RuntimeError),
     ("bloomray.export.consolidate", "ExportError", 1, RuntimeError),
+    ("bloomray.demo", "DegenerateCompletionError", 1, RuntimeError),
 ]
 
 

@@ -10,19 +10,21 @@ Every document of every ``deploy/kuberay/*.yaml`` is checked:
   ``RAY_AUTH_TOKEN`` from the Secret that ``authOptions.secretName`` names, data key
   ``auth_token``), and no Ray control-plane port (dashboard / Jobs API, GCS, client) is on a
   NodePort or LoadBalancer Service.
+* Clusters that serve (RayService, RayCluster) set ``bloomray.raycluster.SERVE_ENV`` (Ray
+  Serve's throughput settings) on every Ray container.
 * The code comes from the image: no runtime_env ``working_dir`` / ``pip`` / ..., images are the
   ``bloomray:<version>-ray2.60.0-py311[-gpu]`` builds of deploy/docker/Dockerfile (GPU pods the
   ``-gpu`` one), entrypoints are the installed ``bloomray`` CLI with a real preset.
 * GPU worker groups start at 0 and autoscale; RayJobs delete their cluster when done and have a
   deadline; runs and checkpoints are on the shared PVC (or S3).
 * The RayService's serveConfigV2 is the packaged Serve config (bloomray/serving/config.yaml):
-  same applications, import_path, args keys and deployments, with cluster values.
+  same applications, import_path and args keys, with cluster values, and valid for
+  ``ServeDeploySchema`` (the schema ``serve build`` checks its own output against).
 
-Why not ``serve build``: it imports the import path and accepts only a bound ``Application``
-(Ray 2.60, ray/serve/scripts.py: "Expected '...' to be an Application"), while
-``bloomray.serving.app:build_app`` is an application builder whose args (model dirs that must
-exist) come from the config. So the serveConfigV2 is compared with the packaged config and
-validated with ``ServeDeploySchema``, the schema ``serve build`` checks its own output against.
+Its ``deployments:`` section (which the packaged config has not: its names depend on the models
+served) is compared with what the real ``serve build`` writes for the app built with the
+RayService's args in tests/integration/test_rayservice_serve_build.py: that test starts a Ray
+(Ray Serve LLM reads the runtime context while it builds), so it is not a unit test.
 
 Each check is a function returning a list of problems; ``test_each_check_can_fail`` breaks a
 copy of a manifest for each one and expects a problem.
@@ -47,6 +49,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from bloomray.cli import build_parser
 from bloomray.config import ConfigError, load_config, preset_names
+from bloomray.raycluster import SERVE_ENV
 from bloomray.serving.options import ServeOptions
 
 ROOT = Path(__file__).parents[2]
@@ -273,6 +276,21 @@ def auth_problems(d: Doc, others: list[Doc]) -> list[str]:
     return problems
 
 
+def serve_env_problems(d: Doc, others: list[Doc]) -> list[str]:
+    """Clusters that serve (RayService, the long-lived RayCluster) set Ray Serve's throughput
+    settings on every Ray container: Serve's processes read them when they start, on any node."""
+    if d.get("kind") not in ("RayService", "RayCluster"):
+        return []
+    problems = []
+    for cspec in cluster_specs(d):
+        for name, group in groups(cspec):
+            env = env_of(ray_container(group))
+            for key, value in SERVE_ENV.items():
+                if (env.get(key) or {}).get("value") != value:
+                    problems.append(f"group {name}: the Ray container must set {key}={value} (SERVE_ENV)")
+    return problems
+
+
 def _exposes_ray_ports(service_spec: Doc) -> list[str]:
     hits = []
     for port in service_spec.get("ports") or []:
@@ -434,16 +452,16 @@ def _key_paths(node: Any, prefix: str = "") -> set[str]:
     return out
 
 
-def _deployment_names(app: Doc) -> list[str]:
-    return sorted(str(x.get("name")) for x in app.get("deployments") or [])
-
-
 def _env_var_names(app: Doc) -> list[str]:
     return sorted((app.get("runtime_env") or {}).get("env_vars") or {})
 
 
 def serve_config_problems(cfg: Doc, reference: Doc) -> list[str]:
-    """CFG has REFERENCE's applications: import_path, route_prefix, args keys, deployments."""
+    """CFG has REFERENCE's applications: import_path, route_prefix, args keys, env var names.
+
+    Deployments are not compared: the RayService lists what ``serve build`` writes for its
+    models (tests/integration/test_rayservice_serve_build.py), the packaged config none.
+    """
     problems = []
     try:
         ServeDeploySchema.model_validate(cfg)
@@ -463,10 +481,6 @@ def serve_config_problems(cfg: Doc, reference: Doc) -> list[str]:
         got, want = _key_paths(app.get("args")), _key_paths(ref.get("args"))
         if got != want:
             problems.append(f"{name}: args keys missing {sorted(want - got)}, extra {sorted(got - want)}")
-        if _deployment_names(app) != _deployment_names(ref):
-            problems.append(
-                f"{name}: deployments {_deployment_names(app)} != the packaged {_deployment_names(ref)}"
-            )
         if _env_var_names(app) != _env_var_names(ref):
             problems.append(
                 f"{name}: runtime_env env_vars {_env_var_names(app)} != the packaged {_env_var_names(ref)}"
@@ -544,6 +558,7 @@ def pvc_problems(d: Doc, others: list[Doc]) -> list[str]:
 CHECKS: dict[str, Check] = {
     "schema": schema_problems,
     "auth": auth_problems,
+    "serve_env": serve_env_problems,
     "exposure": exposure_problems,
     "runtime_env": runtime_env_problems,
     "image": image_problems,
@@ -648,6 +663,18 @@ def _set(d: Doc, path: str, value: Any) -> None:
 
 # (check, file, what breaks, mutation): every check must find the broken copy.
 MUTATIONS: list[tuple[str, str, str, Callable[[Doc], Any]]] = [
+    (
+        "serve_env",
+        "rayservice.yaml",
+        "no throughput setting on a worker",
+        lambda d: _drop_env(d, 1, "RAY_SERVE_THROUGHPUT_OPTIMIZED"),
+    ),
+    (
+        "serve_env",
+        "raycluster.yaml",
+        "direct ingress left to Ray's default on the head",
+        lambda d: _drop_env(d, 0, "RAY_SERVE_ENABLE_DIRECT_INGRESS"),
+    ),
     (
         "schema",
         "raycluster.yaml",
