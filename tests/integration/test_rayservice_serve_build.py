@@ -102,7 +102,10 @@ def serve_build_problems(cfg: Doc, built: Doc) -> list[str]:
         if ours.get(key) != theirs.get(key):
             problems.append(f"{key}: {ours.get(key)!r} != serve build's {theirs.get(key)!r}")
     if len(cfg["applications"]) != len(built["applications"]):
-        return [*problems, f"{len(cfg['applications'])} applications, serve build wrote 1"]
+        return [
+            *problems,
+            f"{len(cfg['applications'])} applications, serve build wrote {len(built['applications'])}",
+        ]
     (app,), (built_app,) = cfg["applications"], built["applications"]
     for key in sorted((set(app) | set(built_app)) - MANIFEST_FIELDS - {"deployments"}):
         if app.get(key) != built_app.get(key):
@@ -123,7 +126,8 @@ def serve_build_problems(cfg: Doc, built: Doc) -> list[str]:
 
 def test_rayservice_serve_config_is_what_serve_build_writes(built):
     cfg = rayservice_serve_config()
-    assert not serve_build_problems(cfg, built), "\n".join(serve_build_problems(cfg, built))
+    problems = serve_build_problems(cfg, built)
+    assert not problems, "\n".join(problems)
     # The build used the RayService's args: engines on the GPU group, the ingress's CPU share.
     engines = [d for d in built["applications"][0]["deployments"] if d["name"].startswith("LLMServer:")]
     assert engines and all(d["placement_group_bundles"][0].get("GPU") == 1 for d in engines), engines
