@@ -32,8 +32,11 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(BIN)/bloomray demo
 
+# Two pytest-xdist workers, each with its own test Ray, whole files per worker (module fixtures
+# stay shared): much of the suite waits on process start-up, Serve and vLLM, so two overlap.
+TEST_WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest -q -ra --durations=20 tests
+	$(BIN)/python -m pytest -q -ra --durations=20 -n $(TEST_WORKERS) --dist loadfile tests
 
 test-unit: setup
 	$(BIN)/python -m pytest -q -ra tests/unit

@@ -24,11 +24,12 @@ def ensure_local_ray() -> None:
     import ray
 
     if not ray.is_initialized():
-        from bloomray.raycluster import apply_serve_env
+        from bloomray.raycluster import start_local_ray
 
-        apply_serve_env()  # the Serve settings every local Ray bloomray starts has
-        # Metrics reach Ray's Prometheus endpoint every second, so tests can scrape them.
-        ray.init(
+        # As every local Ray bloomray starts: the Serve settings, and its own State API address
+        # (pytest-xdist runs one test Ray per worker on the same box). Metrics reach Ray's
+        # Prometheus endpoint every second, so tests can scrape them.
+        start_local_ray(
             num_cpus=TEST_RAY_CPUS,
             log_to_driver=True,
             _system_config={"metrics_report_interval_ms": 1000},

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +20,6 @@ from transformers import BloomConfig, BloomForSequenceClassification
 KEY = "test-key-0123456789"
 HDR = {"Authorization": f"Bearer {KEY}"}
 HIDDEN, HEADS, LAYERS = 128, 4, 2
-
-
-def free_port_number() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _scaled(model: torch.nn.Module, seed: int) -> torch.nn.Module:

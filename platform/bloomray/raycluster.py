@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psutil
@@ -45,6 +48,43 @@ def quiet() -> bool:
     return os.environ.get(QUIET_ENV, "0") == "1"
 
 
+# Ray reads this to find the dashboard for its State API (Train V2's controller polls it). With
+# no address Ray searches the box for a GCS and fails if two local Rays run (two bloomray jobs
+# on one box, or a test run beside another), so a local Ray started here names its own.
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def own_api_server(port: int) -> Iterator[None]:
+    """While a local Ray starts: its nodes (and so every worker and actor) inherit
+    ``RAY_API_SERVER_ADDRESS`` of the dashboard on PORT; this process's own environment is
+    restored afterwards, so its subprocesses that start their own Ray do not inherit it."""
+    old = os.environ.get(API_SERVER_ENV)
+    os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(API_SERVER_ENV, None)
+        else:
+            os.environ[API_SERVER_ENV] = old
+
+
+def start_local_ray(**kwargs: Any) -> None:
+    """``ray.init`` of a new local Ray with the Serve settings and its own State API address."""
+    apply_serve_env()  # a cluster's nodes get SERVE_ENV from its config (cluster.yaml, deploy/)
+    port = kwargs.setdefault("dashboard_port", free_port())
+    with own_api_server(port):
+        ray.init(**kwargs)
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: Any) -> None:
     """Join the configured cluster, or start a local Ray; no-op if already connected.
 
@@ -61,8 +101,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: 
     if address:
         ray.init(address=address, **kwargs)
     else:
-        apply_serve_env()  # a cluster's nodes get SERVE_ENV from its config (cluster.yaml, deploy/)
-        ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), **kwargs)
+        start_local_ray(num_cpus=num_cpus or max(4, os.cpu_count() or 1), **kwargs)
 
 
 def train_worker_processes() -> list[psutil.Process]:

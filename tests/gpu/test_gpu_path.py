@@ -12,12 +12,13 @@ DeepSpeed is not importable; the collectives and peak tests need only torch.
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+
+from bloomray.raycluster import free_port
 
 pytestmark = pytest.mark.gpu
 
@@ -58,12 +59,6 @@ def gpu_overrides(extra: list[str]) -> list[str]:
     n = n_gpus()
     # global = 2 micro-batches per worker per step: gradient accumulation runs on the GPU path too
     return [*TINY_GPU, f"scaling.num_workers={n}", f"train.global_batch_size={8 * n}", *extra]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------- collectives
@@ -108,7 +103,7 @@ def test_nccl_all_reduce_and_barrier(tmp_path):
     import torch.multiprocessing as mp
 
     world = n_gpus()
-    mp.spawn(_collectives_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_collectives_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
     ranks = range(world)
     for rank in ranks:
         r = json.loads((tmp_path / f"rank{rank}.json").read_text())

@@ -92,9 +92,13 @@ def test_two_node_cluster_recovers_from_node_loss(tmp_path):
     import ray
     from ray.cluster_utils import Cluster
 
+    from bloomray.raycluster import free_port, own_api_server
+
     ray.shutdown()  # leave the shared local Ray; ray_local restarts it for later modules
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    worker_node = cluster.add_node(num_cpus=2)
+    port = free_port()  # not Ray's default 8265, which another Ray on the box may hold
+    with own_api_server(port):  # its nodes' workers find this cluster's State API, not another's
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "dashboard_port": port})
+        worker_node = cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)
     shared = tmp_path / "shared-storage"  # what NFS/S3 is on a real cluster

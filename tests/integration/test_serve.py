@@ -20,7 +20,6 @@ from serve_helpers import (
     KEY,
     count_tokens,
     engine_metric,
-    free_port_number,
     greedy_reference,
     make_model_dirs,
     post,
@@ -29,6 +28,7 @@ from serve_helpers import (
 )
 
 from bloomray.config import ConfigError
+from bloomray.raycluster import free_port
 from bloomray.serving.run import start_server
 
 pytestmark = pytest.mark.integration
@@ -70,7 +70,7 @@ def server(model_dirs, ray_local, tmp_path_factory):
                 "compact": str(model_dirs["compact"]),
                 "clf": str(model_dirs["clf"]),
             },
-            port=free_port_number(),
+            port=free_port(),
             overrides=SERVER,
         )
         yield url

@@ -21,7 +21,9 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from serve_helpers import KEY, free_port_number, make_tiny_dir
+from serve_helpers import KEY, make_tiny_dir
+
+from bloomray.raycluster import free_port
 
 pytestmark = pytest.mark.integration
 CLI = Path(sys.executable).with_name("bloomray")
@@ -44,7 +46,7 @@ class Serving:
         keys.chmod(0o600)
         env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "BLOOMRAY_API_KEYS")}
         env.update(BLOOMRAY_API_KEYS_FILE=str(keys), HF_HUB_OFFLINE="1")
-        self.port = free_port_number()
+        self.port = free_port()
         cmd = [str(CLI), "serve", "--model", str(model), "--port", str(self.port)]
         self.proc = subprocess.Popen(
             cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True

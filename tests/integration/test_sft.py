@@ -165,8 +165,8 @@ def test_sft_learns_held_out_replies(sft_run):
 def test_the_served_export_answers_through_its_chat_template(sft_run, tmp_path):
     """/v1/chat/completions on the vLLM engine gives the export's own greedy replies (fp32)."""
     from ray import serve
-    from serve_helpers import free_port_number
 
+    from bloomray.raycluster import free_port
     from bloomray.serving.auth import ENV_FILE, ENV_KEYS, write_key_file
     from bloomray.serving.run import start_server
 
@@ -179,7 +179,7 @@ def test_the_served_export_answers_through_its_chat_template(sft_run, tmp_path):
         mp.delenv(ENV_KEYS, raising=False)
         url = start_server(
             {"support": str(sft_run["model_dir"])},
-            port=free_port_number(),
+            port=free_port(),
             name="sft",
             overrides={
                 "dtype": "float32",
