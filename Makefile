@@ -33,10 +33,11 @@ demo: setup
 	$(BIN)/bloomray demo
 
 # Two pytest-xdist workers, each with its own test Ray, whole files per worker (module fixtures
-# stay shared): much of the suite waits on process start-up, Serve and vLLM, so two overlap.
+# stay shared), slowest files first (tests/conftest.py): much of the suite waits on process
+# start-up, Serve and vLLM, so two overlap. TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest -q -ra --durations=20 -n $(TEST_WORKERS) --dist loadfile tests
+	$(BIN)/python -m pytest -q -ra --durations=20 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 test-unit: setup
 	$(BIN)/python -m pytest -q -ra tests/unit

@@ -18,13 +18,14 @@ from bloomray.train.progress import latest_registered_step
 
 pytestmark = pytest.mark.integration
 
+STEPS = 40  # the fault comes once the step-10 checkpoint is registered: 30 steps left to recover in
 FAST_CKPT = [
     "model.preset=tiny",
     "data.tokenizer.vocab_size=1024",
     "data.block_size=64",
-    "train.max_steps=60",
+    f"train.max_steps={STEPS}",
     "train.log_every=5",
-    "train.eval_every=60",
+    f"train.eval_every={STEPS}",
     "train.eval_max_batches=2",
     "train.checkpoint_every=5",
     "train.keep_checkpoints=3",
@@ -80,7 +81,7 @@ def test_sigkill_worker_resumes_from_last_checkpoint(tmp_path, ray_local):
     saved_at_kill = latest_registered_step(out)
 
     summary = _finish(thread, box)
-    assert summary["steps"] == 60
+    assert summary["steps"] == STEPS
     assert len(summary["restarts"]) == 1
     # Resumed from the newest checkpoint there was: at most one interval of steps lost.
     assert summary["restarts"][0] >= saved_at_kill
@@ -120,7 +121,7 @@ def test_two_node_cluster_recovers_from_node_loss(tmp_path):
         saved_at_loss = latest_registered_step(out)
 
         summary = _finish(thread, box)
-        assert summary["steps"] == 60
+        assert summary["steps"] == STEPS
         assert summary["restarts"] and summary["restarts"][0] >= saved_at_loss
         assert Path(summary["checkpoint"]).is_relative_to(shared)
     finally:

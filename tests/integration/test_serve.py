@@ -442,7 +442,7 @@ async def _request_with_retries(
     raise AssertionError("unreachable")
 
 
-def _load(url: str, seconds: float, until=None, clients: int = 6) -> list[httpx.Response]:
+def _load(url: str, seconds: float, until=None, clients: int = 3) -> list[httpx.Response]:
     """Bounded concurrent load on loopback: ``clients`` loops, at most ``seconds`` long."""
 
     async def one(client, stop_at, out):
@@ -503,7 +503,7 @@ def test_autoscale_up_sigkill_a_replica_under_load_then_down(server, model_dirs)
             return False
 
         kill_soon.at = time.time() + 2
-        responses = _load(url, seconds=10, until=kill_soon, clients=4)
+        responses = _load(url, seconds=10, until=kill_soon, clients=3)
         assert not psutil.pid_exists(victim)
         assert responses and all(r.status_code == 200 for r in responses), [r.status_code for r in responses]
 

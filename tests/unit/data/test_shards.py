@@ -207,3 +207,18 @@ def test_training_on_a_prepared_dir_uses_its_blocks_and_refuses_a_foreign_tokeni
     train_tokenizer(docs_of(50, 9), 280, 1).save_pretrained(str(other))
     with pytest.raises(TokenizerError, match="tokenized with another tokenizer"):
         prepare_data(cfg_for(tmp_path / "ds", f"data.tokenizer.path={other}"))
+
+
+def test_token_ids_are_the_tokenizers_own_and_a_truncating_one_still_is():
+    from bloomray.data.corpus import embedded_documents
+    from bloomray.data.ingest import token_ids
+    from bloomray.data.tokenizer import train_tokenizer
+
+    docs = embedded_documents()[:40]
+    tok = train_tokenizer(docs, 512)
+    texts = [*docs, "", "  ", f"an {tok.eos_token} inside", "caf\u00e9 \u2603 \U0001f600"]
+    want = tok(texts, add_special_tokens=False)["input_ids"]
+    assert token_ids(tok, texts) == want
+    assert any(len(ids) > 16 for ids in want)
+    tok.backend_tokenizer.enable_truncation(16)  # tok() resets the Rust tokenizer's truncation per call
+    assert token_ids(tok, texts) == want
