@@ -174,7 +174,7 @@ def test_resume_after_the_driver_is_killed_mid_search(tmp_path, ray_local):
         run_tune(load_config("tune-tiny-cpu", RESUME_SEARCH), out)
 
 
-def test_optuna_search_with_asha_completes(tmp_path, ray_local):
+def test_two_objective_nsga2_search_writes_its_pareto_front_and_winner(tmp_path, ray_local):
     cfg = load_config(
         "tune-tiny-cpu",
         [
@@ -186,14 +186,34 @@ def test_optuna_search_with_asha_completes(tmp_path, ray_local):
             "train.eval_max_batches=2",
             "prune.update_every=2",
             "tune.search=optuna",
-            "tune.num_samples=2",
-            "tune.grace_period=1",
+            "tune.scheduler=fifo",
+            "tune.objectives=[eval_loss, size_mb]",
+            "tune.num_samples=3",
+            "tune.max_concurrent_trials=2",
             "tune.space={train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-2}, "
-            "prune.final_sparsity: {type: uniform, low: 0.2, high: 0.6}}",
+            "prune.final_sparsity: {type: uniform, low: 0.2, high: 0.7}}",
         ],
     )
-    summary = run_tune(cfg, tmp_path / "optuna")
-    assert summary["trials"] == 2 and summary["completed"] >= 1
-    rows = list(csv.DictReader((tmp_path / "optuna" / "trials.csv").open()))
-    assert len({r["train.lr"] for r in rows}) == 2  # Optuna proposed two different points
-    assert (tmp_path / "optuna" / "winner" / "config.json").exists()
+    out = tmp_path / "mo"
+    summary = run_tune(cfg, out)
+    assert summary["objectives"] == ["eval_loss", "size_mb"] and summary["completed"] == 3
+    rows = {r["trial_id"]: r for r in csv.DictReader((out / "trials.csv").open())}
+    assert len({r["train.lr"] for r in rows.values()}) == 3  # NSGA-II proposed three points
+    pts = {tid: (float(r["eval_loss"]), float(r["size_mb"])) for tid, r in rows.items()}
+
+    def beats(a, b):
+        return a[0] <= b[0] and a[1] <= b[1] and a != b
+
+    front = set(summary["pareto_front"])
+    assert front == {t for t, r in rows.items() if r["pareto"] == "True"}
+    for tid, p in pts.items():  # on the front exactly when no trial beats it on both objectives
+        assert (tid in front) == (not any(beats(q, p) for q in pts.values())), (tid, pts)
+    assert (
+        summary["winner"]["trial_id"] in front
+        and "Pareto front of eval_loss, size_mb" in summary["selection"]
+    )
+    # every objective was in the trial's one report (no intermediate ones for the sampler to miss)
+    for tid in rows:
+        results = (next((out / "tune").glob(f"*{tid}*")) / "result.json").read_text().splitlines()
+        assert len(results) == 1 and {"eval_loss", "size_mb"} <= set(json.loads(results[0]))
+    assert (out / "winner" / "config.json").exists()

@@ -16,6 +16,7 @@ from bloomray.config.load import (
     set_key,
 )
 from bloomray.config.schema import (
+    OBJECTIVES,
     ONESHOT_METHODS,
     PRUNABLE_MODULES,
     Config,
@@ -25,6 +26,7 @@ from bloomray.config.schema import (
 )
 
 __all__ = [
+    "OBJECTIVES",
     "ONESHOT_METHODS",
     "PRUNABLE_MODULES",
     "Config",

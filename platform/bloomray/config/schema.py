@@ -154,7 +154,7 @@ PRUNABLE_MODULES = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"
 
 
 # One-shot methods with calibration data (``bloomray prune --model DIR``, ``prune/oneshot.py``);
-# training does not take them (``check_trainable``).
+# in training they set the initial masks (``check_trainable``, ``prune/initial.py``).
 ONESHOT_METHODS = ("wanda", "sparsegpt")
 
 
@@ -181,9 +181,10 @@ class PruneConfig(_Section):
     end_fraction: float = Field(0.7, ge=0.0, le=1.0)
     update_every: int = Field(10, ge=1)  # steps between mask updates
     targets: list[str] = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
-    # One-shot (`bloomray prune`) only: the sparsity pattern of wanda/sparsegpt/magnitude, the
-    # calibration set (the first train blocks of data.block_size tokens), and SparseGPT's
-    # Hessian dampening (fraction of its mean diagonal) and lazy-update column block width.
+    # One-shot methods (`bloomray prune`, and wanda/sparsegpt as a training run's initial masks):
+    # the sparsity pattern of wanda/sparsegpt/magnitude, the calibration set (the first train
+    # blocks of data.block_size tokens), and SparseGPT's Hessian dampening (fraction of its mean
+    # diagonal) and lazy-update column block width.
     pattern: Literal["unstructured", "2:4"] = "unstructured"
     calibration_samples: int = Field(128, ge=1)
     percdamp: float = Field(0.01, gt=0.0)
@@ -218,6 +219,21 @@ class SpaceParam(_Section):
         return self
 
 
+# What a multi-objective search (``tune.objectives``) can trade off, and which way is better:
+# the trial's eval metrics, its export's forward latency (transformers, select.latency_batch x
+# latency_seq, measured in the trial; the Pareto front re-measures every export in interleaved
+# rounds), size on disk, and sparsity.
+Objective = Literal["eval_loss", "eval_accuracy", "eval_macro_f1", "latency_ms", "size_mb", "sparsity"]
+OBJECTIVES: dict[str, Literal["min", "max"]] = {
+    "eval_loss": "min",
+    "eval_accuracy": "max",
+    "eval_macro_f1": "max",
+    "latency_ms": "min",
+    "size_mb": "min",
+    "sparsity": "max",
+}
+
+
 class TuneConfig(_Section):
     """The Ray Tune search: space, algorithm, early stopping, retries."""
 
@@ -231,6 +247,37 @@ class TuneConfig(_Section):
     max_concurrent_trials: int = Field(1, ge=1)
     max_failures: int = Field(1, ge=0)  # retries of a failed trial before it is reported ERROR
     seed: int = 0
+    # Two or more: a multi-objective search (tune.search=optuna, tune.scheduler=fifo) on all of
+    # them at once with Optuna's NSGA-II (or TPE) sampler; the Pareto front over them is marked in
+    # trials.csv and the winner is chosen from it by the select.* rules. Must include tune.metric.
+    objectives: list[Objective] = []
+    sampler: Literal["nsga2", "tpe"] = "nsga2"
+
+    @model_validator(mode="after")
+    def _check_objectives(self) -> TuneConfig:
+        obj = self.objectives
+        if not obj:
+            return self
+        if len(obj) < 2 or len(set(obj)) != len(obj):
+            raise ValueError(
+                f"tune.objectives={obj} needs two or more different metrics; for one, set tune.metric "
+                "and leave tune.objectives empty"
+            )
+        if self.metric not in obj:
+            raise ValueError(
+                f"tune.objectives={obj} must include tune.metric={self.metric} (the quality the winner "
+                "is chosen on)"
+            )
+        if self.search != "optuna":
+            raise ValueError(
+                f"tune.objectives needs tune.search=optuna (a multi-objective sampler), got {self.search}"
+            )
+        if self.scheduler != "fifo":
+            raise ValueError(
+                "tune.objectives needs tune.scheduler=fifo: ASHA stops trials on one metric, "
+                "which would bias a multi-objective search"
+            )
+        return self
 
 
 class SelectConfig(_Section):
@@ -356,19 +403,42 @@ def check_combinations(cfg: Config) -> None:
 
 
 def check_trainable(cfg: Config) -> None:
-    """Reject what the schema accepts but training cannot run: the one-shot prune settings.
+    """Reject what the schema accepts but training cannot run.
+
+    ``prune.method`` wanda or sparsegpt in training prunes the starting model one-shot with
+    calibration data before the first step (``prune/initial.py``) at ``prune.initial_sparsity``
+    (0.5 with ``prune.pattern=2:4``); the schedule then goes on by magnitude to
+    ``prune.final_sparsity``, never reviving a pruned weight.
 
     Raises:
-        ConfigError: ``prune.method`` is wanda or sparsegpt (``bloomray prune`` runs those on a
-            trained model dir), or magnitude with the one-shot ``prune.pattern=2:4``.
+        ConfigError: a one-shot method without a trained ``model.path``, without an initial
+            sparsity, or on a classifier; magnitude with the one-shot ``prune.pattern=2:4``.
     """
-    if cfg.prune.method in ONESHOT_METHODS:
-        raise ConfigError(
-            f"prune.method={cfg.prune.method} is one-shot pruning of a trained model with calibration "
-            "data: run `bloomray prune --model MODEL_DIR --config CFG --output OUT` on the exported "
-            "model; training prunes with prune.method magnitude, structured or 2:4"
-        )
-    if cfg.prune.method == "magnitude" and cfg.prune.pattern == "2:4":
+    p = cfg.prune
+    if p.method in ONESHOT_METHODS:
+        if not cfg.model.path:
+            raise ConfigError(
+                f"prune.method={p.method} prunes a trained model with calibration data before the "
+                "first step: set model.path to that model's dir (or run `bloomray prune --model "
+                "MODEL_DIR --config CFG --output OUT` on an export)"
+            )
+        if cfg.task != "causal_lm":
+            raise ConfigError(
+                f"prune.method={p.method} calibrates a causal LM on text: set task=causal_lm, or use "
+                "prune.method magnitude or structured"
+            )
+        if p.pattern == "2:4" and p.initial_sparsity != 0.5:
+            raise ConfigError(
+                f"prune.method={p.method} with prune.pattern=2:4 starts from 2 of every 4 weights: set "
+                f"prune.initial_sparsity=0.5 (and final_sparsity=0.5), got {p.initial_sparsity}"
+            )
+        if p.initial_sparsity <= 0.0:
+            raise ConfigError(
+                f"prune.method={p.method} sets the run's initial masks one-shot at prune.initial_sparsity, "
+                "which is 0: set it, e.g. prune.initial_sparsity=0.5 with final_sparsity=0.5 for one-shot "
+                "pruning then recovery"
+            )
+    if p.method == "magnitude" and p.pattern == "2:4":
         raise ConfigError(
             "prune.pattern is for `bloomray prune`; for 2:4 sparsity during training set "
             "prune.method=2:4 (and leave prune.pattern unset)"

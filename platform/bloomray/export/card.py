@@ -128,7 +128,14 @@ def _pruning_section(meta: dict[str, Any], info: dict[str, Any]) -> str:
         "structured": f"structured ({prune.get('structure')}), compacted into smaller shapes",
         "magnitude": f"unstructured magnitude ({prune.get('scope')}), stored sparse (bitmask + values)",
         "2:4": "2:4 semi-structured (GPU sparse tensor cores; masks only on CPU), stored sparse",
-    }[prune["method"]]
+    }.get(prune["method"])
+    if how is None:  # wanda / sparsegpt: one-shot initial masks, then the schedule (prune/initial.py)
+        pattern = "2:4 semi-structured" if prune.get("pattern") == "2:4" else "unstructured"
+        how = (
+            f"{prune['method']} one-shot ({pattern}) on {prune.get('calibration_samples')} calibration "
+            f"samples at sparsity {prune.get('initial_sparsity')} before training, then magnitude updates "
+            "on the schedule; stored sparse (bitmask + values)"
+        )
     dense_mb = info.get("dense_size_bytes", 0) / 2**20
     disk_mb = info.get("size_on_disk_bytes", 0) / 2**20
     speed_note = (

@@ -28,7 +28,7 @@ import torch
 from transformers import AutoTokenizer, BloomConfig
 
 from bloomray.config import Config, ConfigError
-from bloomray.data.prepare import PreparedData, prepare_data
+from bloomray.data.prepare import prepare_data
 from bloomray.data.tokenizer import load_tokenizer
 from bloomray.errors import BloomrayError
 from bloomray.export.card import write_model_card
@@ -37,8 +37,8 @@ from bloomray.export.load import load_model, task_of
 from bloomray.files import atomic_dir
 from bloomray.model.build import ModelLoadError
 from bloomray.model.compact import SPEC_KEY
-from bloomray.prune.masks import target_names
-from bloomray.prune.oneshot import METHODS, OneShotError, oneshot_prune
+from bloomray.prune.initial import calibration_and_eval, check_task_resources, prune_measured
+from bloomray.prune.oneshot import METHODS, OneShotError
 from bloomray.raycluster import init_ray
 
 log = logging.getLogger(__name__)
@@ -98,56 +98,6 @@ def check_request(
     return raw
 
 
-def calibration_and_eval(cfg: Config, data: PreparedData) -> tuple[np.ndarray, np.ndarray]:
-    """(first ``prune.calibration_samples`` train blocks, the eval blocks), int64 ``[n, block_size]``.
-
-    Fewer train blocks than asked calibrate on all of them (the summary says how many). The
-    eval blocks are the first ``train.eval_max_batches * train.micro_batch_size`` (all if unset).
-    """
-    n_calib = min(cfg.prune.calibration_samples, len(data.train))
-    if n_calib < cfg.prune.calibration_samples:
-        log.warning(
-            "prune.calibration_samples=%d but the data has %d train blocks: calibrating on all of them",
-            cfg.prune.calibration_samples,
-            n_calib,
-        )
-    t = cfg.train
-    n_eval = (
-        len(data.eval)
-        if t.eval_max_batches is None
-        else min(len(data.eval), t.eval_max_batches * t.micro_batch_size)
-    )
-    calib = data.train.take(np.arange(n_calib))["input_ids"].astype(np.int64)
-    evals = data.eval.take(np.arange(n_eval))["input_ids"].astype(np.int64)
-    return calib, evals
-
-
-@torch.no_grad()
-def eval_loss(model: torch.nn.Module, ids: np.ndarray | torch.Tensor, batch_size: int) -> float:
-    """Next-token loss over ``ids`` in batches, each batch's mean weighted by its rows (as training's eval)."""
-    ids = ids if isinstance(ids, torch.Tensor) else torch.tensor(ids)  # a copy: Ray arrays are read-only
-    device = next(model.parameters()).device
-    total, rows = 0.0, 0
-    for start in range(0, ids.shape[0], batch_size):
-        batch = ids[start : start + batch_size].to(device)
-        total += float(model(input_ids=batch, labels=batch, use_cache=False).loss.double()) * batch.shape[0]
-        rows += batch.shape[0]
-    return total / rows
-
-
-def sparsity_by_kind(model: torch.nn.Module, targets: list[str]) -> tuple[float, dict[str, float]]:
-    """(overall, per module kind) fraction of exact zeros in the target weights of every block."""
-    params = dict(model.named_parameters())
-    zeros: dict[str, int] = {}
-    sizes: dict[str, int] = {}
-    for name in target_names(model, targets):
-        kind = name.split(".")[-2]
-        zeros[kind] = zeros.get(kind, 0) + int((params[name] == 0).sum())
-        sizes[kind] = sizes.get(kind, 0) + params[name].numel()
-    overall = sum(zeros.values()) / max(1, sum(sizes.values()))
-    return overall, {k: zeros[k] / sizes[k] for k in sizes}
-
-
 def _prune_task(
     model_dir: str,
     output_dir: str,
@@ -159,34 +109,19 @@ def _prune_task(
 ) -> dict[str, Any]:
     """The Ray task: load, eval, prune, eval, write the sparse export and its card; the summary."""
     cfg = Config.model_validate(cfg_dict)
-    p, mb = cfg.prune, cfg.train.micro_batch_size
+    p = cfg.prune
     t0 = time.perf_counter()
     model = load_model(model_dir)
-    device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
-    model.to(device)
-    before = eval_loss(model, evals, mb)
-    oneshot_prune(
-        model,
-        torch.tensor(calib),  # a copy: Ray hands the task read-only arrays
-        p.method,
-        p.final_sparsity,
-        p.pattern,
-        list(p.targets),
-        batch_size=mb,
-        blocksize=p.blocksize,
-        percdamp=p.percdamp,
-    )
-    after = eval_loss(model, evals, mb)
-    model.cpu()
-    overall, by_kind = sparsity_by_kind(model, list(p.targets))
+    measured = prune_measured(model, cfg, p.final_sparsity, calib, evals)
+    before, after = measured["eval_loss_before"], measured["eval_loss_after"]
     shot = {
         "source_model": model_dir,
         "method": p.method,
         "pattern": p.pattern,
         "sparsity_target": p.final_sparsity,
         "targets": list(p.targets),
-        "sparsity": overall,
-        "sparsity_by_kind": by_kind,
+        "sparsity": measured["sparsity"],
+        "sparsity_by_kind": measured["sparsity_by_kind"],
         "calibration_samples": int(calib.shape[0]),
         "block_size": int(calib.shape[1]),
         "calibration_tokens": int(calib.size),
@@ -201,7 +136,7 @@ def _prune_task(
         "model_config": model.config.to_dict(),
         "base_model": model_dir,
         "data": data_stats,
-        "metrics": {"eval_loss": after, "eval_loss_dense": before, "sparsity": overall},
+        "metrics": {"eval_loss": after, "eval_loss_dense": before, "sparsity": measured["sparsity"]},
         "oneshot": shot,
     }
     info = _write_export(model, model_dir, output_dir, overwrite, meta, torch.tensor(calib[:2]))
@@ -252,17 +187,6 @@ def _write_export(
     return info
 
 
-def _check_resources(cfg: Config, resources: dict[str, float]) -> None:
-    """The task's CPUs (and GPU) exist in the cluster now; Ray would otherwise wait for them forever."""
-    need = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1.0} if cfg.scaling.use_gpu else {})}
-    for kind, amount in need.items():
-        if resources.get(kind, 0.0) < amount:
-            raise OneShotError(
-                f"the prune task needs {amount:g} {kind} but the Ray cluster has {resources.get(kind, 0.0):g}; "
-                "lower scaling.cpus_per_worker, or set scaling.use_gpu=false, or add nodes"
-            )
-
-
 def prune_model_dir(
     model_dir: str | Path, cfg: Config, output_dir: str | Path, overwrite: bool = False
 ) -> dict[str, Any]:
@@ -293,7 +217,7 @@ def prune_model_dir(
     data = prepare_data(cfg, tokenizer=tokenizer)
     calib, evals = calibration_and_eval(cfg, data)
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
-    _check_resources(cfg, ray.cluster_resources())
+    check_task_resources(cfg, ray.cluster_resources())
     task = ray.remote(
         num_cpus=cfg.scaling.cpus_per_worker, num_gpus=1 if cfg.scaling.use_gpu else 0, max_retries=0
     )(_prune_task)

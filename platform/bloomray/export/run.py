@@ -15,8 +15,18 @@ from bloomray.config import Config, check_trainable
 from bloomray.data.prepare import PreparedData
 from bloomray.export.consolidate import export_checkpoint
 from bloomray.files import atomic_write_text
+from bloomray.prune.initial import FACTS_FILE
 from bloomray.train.checkpoint import META_FILE, local_checkpoint_dir
 from bloomray.train.run import RunPlan, fit, start_run, summarize
+
+ONESHOT_SUMMARY = (
+    "method",
+    "pattern",
+    "sparsity",
+    "calibration_samples",
+    "eval_loss_before",
+    "eval_loss_after",
+)
 
 
 def run_training(cfg: Config, output_dir: str | Path, resume: bool = False) -> dict[str, Any]:
@@ -59,6 +69,10 @@ def finish_run(
     """
     source = source or str(checkpoint_path)
     summary = summarize(checkpoint_path, source)
+    shot = out / "oneshot" / FACTS_FILE  # wanda/sparsegpt: the run's one-shot initial masks
+    if shot.is_file():
+        facts = json.loads(shot.read_text())
+        summary["initial_oneshot"] = {k: facts[k] for k in ONESHOT_SUMMARY if k in facts}
     if export:
         info = export_checkpoint(checkpoint_path, out / "model", overwrite=True, source=source)
         summary["model_dir"] = str(out / "model")

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from bloomray.config import PRUNABLE_MODULES, ConfigError, check_trainable
+from bloomray.config import ONESHOT_METHODS, PRUNABLE_MODULES, ConfigError, check_trainable
 from bloomray.prune.apply import MaskApplier
 from bloomray.prune.masks import (
     layer_of,
@@ -25,6 +25,11 @@ class PruneHook:
 
     Every rank computes the same masks from the same (data-parallel identical) weights, so
     no mask is ever broadcast. Methods marked *collective* must run on all ranks together.
+
+    With a one-shot ``prune.method`` (wanda, sparsegpt) the starting model was pruned before
+    the run (``prune/initial.py``): its zeros are the initial masks, applied from step 1, and
+    the schedule's later updates rank the kept weights by magnitude (or Taylor importance),
+    per ``prune.scope``, or 2 of every 4 with ``prune.pattern=2:4``.
     """
 
     def __init__(self, cfg: Any, engine: Any, model: torch.nn.Module, total_steps: int) -> None:
@@ -42,6 +47,11 @@ class PruneHook:
         self.masks: dict[str, torch.Tensor] = {}
         self.taylor: dict[str, torch.Tensor] = {}
         self.target = 0.0
+        self.oneshot = self.p.method in ONESHOT_METHODS
+        if self.oneshot:  # collective under ZeRO-3: every rank builds its hook at the same point
+            weights = self.applier.full_weights(self.names)
+            self.masks = {n: (w != 0).float() for n, w in weights.items()}
+            self.target = self.p.initial_sparsity
 
     # Taylor importance needs gradients, which exist only between backward and step.
     def before_step(self, engine: Any, next_step: int) -> None:
@@ -74,10 +84,10 @@ class PruneHook:
             scores = self.taylor
         else:
             scores = {n: w.abs() for n, w in weights.items()}
-        if self.p.method == "magnitude":
-            masks = unstructured_masks(scores, sparsity, self.p.scope)
-        elif self.p.method == "2:4":
+        if self.p.method == "2:4" or (self.oneshot and self.p.pattern == "2:4"):
             masks = two_four_masks(scores)
+        elif self.p.method == "magnitude" or self.oneshot:
+            masks = unstructured_masks(scores, sparsity, self.p.scope)
         else:
             masks = structured_masks(scores, sparsity, self.p.structure, self.n_head)
         # Once pruned, always pruned: a zeroed weight has zero importance anyway, but keep

@@ -95,8 +95,14 @@ def build_worker_plan(
     tokenizer_dir: Path,
     plan: RunPlan,
     checkpoint_root: str | None,
+    initial_model: str | None = None,
 ) -> WorkerPlan:
-    """The :class:`WorkerPlan` of a run into ``out`` (puts data and tokenizer in the object store)."""
+    """The :class:`WorkerPlan` of a run into ``out`` (puts data and tokenizer in the object store).
+
+    ``initial_model``: a dir the workers start from instead of ``model.path`` (its one-shot
+    pruned copy, ``prune/initial.py``); ``model.path`` stays the distillation teacher and the
+    checkpoints' ``base_model``.
+    """
     meta = {
         "task": cfg.task,
         "model_config": plan.model_config,
@@ -108,8 +114,13 @@ def build_worker_plan(
         "resume_contract": plan.contract.to_dict(),
         "lr_segments": plan.lr_segments,
     }
+    worker_cfg = cfg
+    if initial_model:
+        worker_cfg = cfg.model_copy(deep=True)
+        worker_cfg.prune.distill.teacher = cfg.prune.distill.teacher or cfg.model.path
+        worker_cfg.model.path = initial_model
     return WorkerPlan(
-        config=cfg,
+        config=worker_cfg,
         train_data=_shipped(data.train),
         eval_data=_shipped(data.eval),
         tokenizer_files=ray.put(read_tokenizer_files(tokenizer_dir)),

@@ -27,6 +27,7 @@ from bloomray.data.tokenizer import load_tokenizer
 from bloomray.errors import EXIT_FAILED, BloomrayError
 from bloomray.files import hash_dir
 from bloomray.model.build import resolve_model_config
+from bloomray.prune.initial import initial_model
 from bloomray.raycluster import init_ray, worker_env
 from bloomray.train.batches import steps_per_epoch, total_steps
 from bloomray.train.checkpoint import read_meta
@@ -219,18 +220,23 @@ def fit(
     """Run the Ray Train job on prepared data (Ray already up).
 
     Re-running it on the same ``out`` resumes from the latest checkpoint there (after the
-    same checks as :func:`plan_run`).
+    same checks as :func:`plan_run`). With ``prune.method`` wanda or sparsegpt the workers
+    start from ``OUTPUT/oneshot``, the starting model pruned one-shot (``prune/initial.py``).
 
     Returns:
         The final checkpoint, and where it lives (:func:`checkpoint_uri`).
 
     Raises:
+        OneShotError / ModelLoadError: the one-shot initial masks could not be made.
         TrainingError: the run failed after ``train.max_failures`` retries.
     """
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.scaling.worker_start_timeout_s)
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # else each progress line prints twice
     plan = plan or plan_run(cfg, out, data, tokenizer_dir)
-    worker_plan = build_worker_plan(cfg, out, data, tokenizer_dir, plan, local_checkpoint_root(cfg, out))
+    start = initial_model(cfg, out, data)  # wanda/sparsegpt: the starting model pruned one-shot
+    worker_plan = build_worker_plan(
+        cfg, out, data, tokenizer_dir, plan, local_checkpoint_root(cfg, out), start[0] if start else None
+    )
     trainer = build_trainer(cfg, out, worker_plan, callbacks)
     try:
         result = trainer.fit()

@@ -2,7 +2,10 @@
 
 Ray 2.60 runs Train V2, so each trial is a *function* trainable that builds and fits its
 own TorchTrainer, forwarding Train's reports to Tune with ``TuneReportCallback`` (what ASHA
-stops on). Data is tokenized once, in the driver, and shared by every trial.
+stops on). Data is tokenized once, in the driver, and shared by every trial. With
+``tune.objectives`` the search is multi-objective (``objectives.py``: Optuna's NSGA-II or
+TPE sampler on every objective, one report per trial at its end). ``results.py`` writes the
+outputs once the search is done.
 
 Outputs in DIR: ``trials.csv``, ``pareto.png``, ``lr_vs_quality.png``, ``winner/``,
 ``summary.json``; trial runs in ``DIR/trials/<trial_id>/``; Tune's state in ``DIR/tune/``.
@@ -10,12 +13,8 @@ Outputs in DIR: ``trials.csv``, ``pareto.png``, ``lr_vs_quality.png``, ``winner/
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
-import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +22,14 @@ from ray import tune
 
 from bloomray.config import Config, ConfigError, dump_config, load_config
 from bloomray.data.prepare import PreparedData, prepare_data
-from bloomray.files import atomic_dir, atomic_write_text
+from bloomray.files import atomic_write_text
 from bloomray.raycluster import init_ray, quiet
 from bloomray.train.checkpoint import read_tokenizer_files
-from bloomray.tune.select import Candidate, choose_winner, pareto_front
+from bloomray.tune.objectives import modes, sampler, trial_measures
+from bloomray.tune.results import FINAL_KEY, summarize
 from bloomray.tune.space import check_space, param_space, trial_config
 
 log = logging.getLogger(__name__)
-FINAL_KEY = "bloomray_final"
 
 
 def _trial(
@@ -48,6 +47,7 @@ def _trial(
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(base, params)
     cfg.train.eval_every = cfg.train.log_every  # ASHA needs the metric in every report
+    multi = bool(cfg.tune.objectives)  # one report at the end, with every objective in it
     out = Path(root) / "trials" / trial_id
     done = out / "summary.json"  # the trial's last write, after its export
     if done.exists():
@@ -62,7 +62,10 @@ def _trial(
         attempts = out / "attempts"
         attempts.write_text(str(int(attempts.read_text()) + 1 if attempts.exists() else 1))
         dump_config(cfg, out / "config.yaml")
-        summary = train_prepared(cfg, out, data, tok_dir, callbacks=[TuneReportCallback()])
+        summary = train_prepared(cfg, out, data, tok_dir, callbacks=[] if multi else [TuneReportCallback()])
+        if multi and summary.get("model_dir"):
+            summary.update(trial_measures(cfg, summary["model_dir"]))
+            atomic_write_text(done, json.dumps(summary, indent=2, default=str))
     final = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
     tune.report({**final, FINAL_KEY: 1, "model_dir": summary.get("model_dir", "")})
 
@@ -87,9 +90,14 @@ class TrialLines(tune.Callback):
 def build_tuner(cfg: Config, out: Path, trainable: Any) -> tune.Tuner:
     """The Tuner: search algorithm, ASHA on the quality metric, retries, concurrency."""
     t = cfg.tune
-    mode = "min" if t.metric == "eval_loss" else "max"
+    metric, mode = t.metric, ("min" if t.metric == "eval_loss" else "max")
     search_alg = None
-    if t.search == "optuna":
+    if t.objectives:  # the sampler takes every objective; Tune itself ranks on none
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(metric=list(t.objectives), mode=modes(cfg), sampler=sampler(cfg))
+        metric, mode = None, None
+    elif t.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
         search_alg = OptunaSearch(seed=t.seed)
@@ -102,7 +110,7 @@ def build_tuner(cfg: Config, out: Path, trainable: Any) -> tune.Tuner:
         trainable,
         param_space=param_space(cfg),
         tune_config=tune.TuneConfig(
-            metric=t.metric,
+            metric=metric,
             mode=mode,
             search_alg=search_alg,
             scheduler=scheduler,
@@ -159,150 +167,3 @@ def resume_tune(output_dir: str | Path) -> dict[str, Any]:
     """Continue an interrupted search in ``output_dir`` with its saved config."""
     out = Path(output_dir).expanduser().resolve()
     return run_tune(load_config(out / "config.yaml"), out, resume=True)
-
-
-def collect_rows(cfg: Config, out: Path) -> list[dict[str, Any]]:
-    """One row per trial from Tune's saved state: config, status, attempts, metrics."""
-    analysis = tune.ExperimentAnalysis(str(out / "tune"))
-    rows = []
-    for trial in analysis.trials:
-        last = trial.last_result or {}
-        finished = last.get(FINAL_KEY) == 1
-        attempts_file = out / "trials" / trial.trial_id / "attempts"
-        row: dict[str, Any] = {
-            "trial_id": trial.trial_id,
-            "status": "COMPLETED" if finished else ("ERROR" if trial.status == "ERROR" else "STOPPED_EARLY"),
-            "attempts": int(attempts_file.read_text()) if attempts_file.exists() else trial.num_failures + 1,
-            "error": _first_error_line(trial) if trial.status == "ERROR" else "",
-        }
-        row.update({k: trial.config.get(k) for k in cfg.tune.space})
-        for key in (
-            "steps",
-            "train_loss",
-            "eval_loss",
-            "eval_perplexity",
-            "eval_accuracy",
-            "eval_macro_f1",
-            "sparsity",
-            "tokens_per_s",
-        ):
-            row[key] = last.get(key)
-        row["model_dir"] = last.get("model_dir", "") if finished else ""
-        rows.append(row)
-    return rows
-
-
-_WRAPPERS = ("WorkerGroupError", "TrainingFailedError", "TrainingError", "RayTaskError", "TuneError")
-
-
-def _first_error_line(trial: Any) -> str:
-    """The root cause of a trial's failure: the innermost exception line of its error file."""
-    try:
-        text = Path(trial.error_file).read_text() if trial.error_file else ""
-    except OSError:
-        return "error (no error file)"
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    raised = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception): ", ln)]
-    causes = [ln for ln in raised if not any(w in ln.split(":")[0] for w in _WRAPPERS)]
-    pick = causes or raised or lines[-1:] or ["error"]
-    return pick[-1][:300]
-
-
-def measure(cfg: Config, rows: list[dict[str, Any]], rounds: int = 3) -> list[Candidate]:
-    """Latency, parameters and size of every finished trial's export, measured here.
-
-    All exports are loaded first, then timed in interleaved rounds (best median per model),
-    so a background hiccup cannot single out one trial.
-    """
-    from bloomray.export.latency import forward_latency_ms
-    from bloomray.export.load import load_model
-    from bloomray.model.build import count_parameters
-
-    done = [r for r in rows if r["status"] == "COMPLETED" and r["model_dir"]]
-    models = {r["trial_id"]: load_model(r["model_dir"]) for r in done}
-    best: dict[str, float] = {}
-    for _ in range(rounds):
-        for tid, model in models.items():
-            ms = forward_latency_ms(model, cfg.select.latency_batch, cfg.select.latency_seq)
-            best[tid] = min(best.get(tid, ms), ms)
-    cands = []
-    for row in done:
-        row["parameters"] = count_parameters(models[row["trial_id"]])
-        row["size_mb"] = sum(p.stat().st_size for p in Path(row["model_dir"]).glob("*.safetensors")) / 2**20
-        row["latency_ms"] = best[row["trial_id"]]
-        quality = row[cfg.tune.metric] if cfg.tune.metric == "eval_loss" else 1.0 - row[cfg.tune.metric]
-        cands.append(
-            Candidate(row["trial_id"], float(quality), row["latency_ms"], float(row["sparsity"] or 0.0), row)
-        )
-    return cands
-
-
-def summarize(cfg: Config, out: Path) -> dict[str, Any]:
-    """trials.csv, plots, winner/ and summary.json from the finished search."""
-    from bloomray.tune.plots import plot_lr_vs_quality, plot_pareto
-
-    rows = collect_rows(cfg, out)
-    cands = measure(cfg, rows)
-    failed = [r for r in rows if r["status"] == "ERROR"]
-    if not cands:  # every trial failed: keep their errors in trials.csv, then say so
-        from bloomray.train.run import TrainingError
-
-        write_csv(rows, out / "trials.csv")
-        raise TrainingError(
-            f"no trial of the search finished ({len(failed)} of {len(rows)} failed); "
-            f"their errors are in {out / 'trials.csv'}"
-        )
-    front = pareto_front(cands)
-    winner, why = choose_winner(cands, cfg.select.max_latency_ms, cfg.select.min_sparsity)
-    for r in rows:
-        r["pareto"] = any(c.trial_id == r["trial_id"] for c in front)
-        r["winner"] = r["trial_id"] == winner.trial_id
-    write_csv(rows, out / "trials.csv")
-    quality_name = cfg.tune.metric if cfg.tune.metric == "eval_loss" else f"1 - {cfg.tune.metric}"
-    plot_pareto(cands, front, winner, quality_name, out / "pareto.png")
-    plot_lr_vs_quality(rows, cfg.tune.metric, out / "lr_vs_quality.png")
-    copy_winner(Path(winner.row["model_dir"]), out / "winner", why)
-    summary = {
-        "winner": {
-            k: winner.row.get(k)
-            for k in (
-                "trial_id",
-                *cfg.tune.space,
-                cfg.tune.metric,
-                "sparsity",
-                "parameters",
-                "size_mb",
-                "latency_ms",
-            )
-        },
-        "selection": why,
-        "winner_dir": str(out / "winner"),
-        "trials": len(rows),
-        "completed": len(cands),
-        "stopped_early": sum(r["status"] == "STOPPED_EARLY" for r in rows),
-        "failed": [
-            {"trial_id": r["trial_id"], "attempts": r["attempts"], "error": r["error"]} for r in failed
-        ],
-        "pareto_front": [c.trial_id for c in front],
-    }
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
-    return summary
-
-
-def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    cols: list[str] = []
-    for r in rows:
-        cols += [k for k in r if k not in cols]
-    buf = io.StringIO(newline="")
-    w = csv.DictWriter(buf, fieldnames=cols)
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
-
-
-def copy_winner(src: Path, dst: Path, why: str) -> None:
-    """Copy the winning export to ``dst`` atomically and note why it won in its card."""
-    with atomic_dir(dst) as tmp:
-        shutil.copytree(src, tmp, dirs_exist_ok=True)
-        card = tmp / "README.md"
-        card.write_text(card.read_text() + f"\n## Selected by bloomray tune\n{why}; from `{src}`.\n")

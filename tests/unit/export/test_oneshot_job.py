@@ -17,16 +17,11 @@ from tiny_bloom import TARGETS, VOCAB, make_model
 from bloomray.cli import main
 from bloomray.config import ConfigError, check_trainable, load_config
 from bloomray.errors import EXIT_USAGE
-from bloomray.export.card import _load_section, _oneshot_section
-from bloomray.export.oneshot import (
-    _check_resources,
-    calibration_and_eval,
-    check_request,
-    eval_loss,
-    sparsity_by_kind,
-)
+from bloomray.export.card import _load_section, _oneshot_section, _pruning_section
+from bloomray.export.oneshot import check_request
 from bloomray.model.build import ModelLoadError
 from bloomray.model.compact import SPEC_KEY
+from bloomray.prune.initial import calibration_and_eval, check_task_resources, eval_loss, sparsity_by_kind
 from bloomray.prune.oneshot import OneShotError
 
 BASE = ["train.max_steps=5"]
@@ -173,10 +168,10 @@ def test_cli_default_method_none_exits_2(model_dir: Path, tmp_path: Path, capsys
 
 def test_missing_cluster_resources_are_named_instead_of_waiting_forever():
     with pytest.raises(OneShotError, match="needs 1 GPU but the Ray cluster has 0"):
-        _check_resources(cfg("scaling.use_gpu=true"), {"CPU": 8.0})
+        check_task_resources(cfg("scaling.use_gpu=true"), {"CPU": 8.0})
     with pytest.raises(OneShotError, match="needs 4 CPU but the Ray cluster has 2"):
-        _check_resources(cfg("scaling.cpus_per_worker=4"), {"CPU": 2.0})
-    _check_resources(cfg(), {"CPU": 1.0})
+        check_task_resources(cfg("scaling.cpus_per_worker=4"), {"CPU": 2.0})
+    check_task_resources(cfg(), {"CPU": 1.0})
 
 
 # --------------------------------------------------------------------------- calibration, measures
@@ -261,18 +256,33 @@ def test_card_pruning_section_names_method_pattern_sparsity_and_calibration():
 @pytest.mark.parametrize(
     ("items", "match"),
     [
-        (["prune.method=wanda"], "prune.method=wanda is one-shot pruning"),
-        (["prune.method=sparsegpt"], "bloomray prune --model"),
+        (["prune.method=wanda"], "prune.method=wanda prunes a trained model .* set model.path"),
+        (["prune.method=sparsegpt", "model.path=/m"], "prune.initial_sparsity, which is 0"),
+        (
+            ["prune.method=wanda", "model.path=/m", "prune.pattern=2:4", "prune.initial_sparsity=0.3"],
+            "set prune.initial_sparsity=0.5",
+        ),
+        (
+            ["prune.method=wanda", "model.path=/m", "prune.initial_sparsity=0.5", "task=classification"],
+            "task=causal_lm",
+        ),
         (["prune.method=magnitude", "prune.pattern=2:4"], "set prune.method=2:4"),
     ],
 )
-def test_training_refuses_the_one_shot_settings(items: list[str], match: str):
+def test_training_refuses_one_shot_settings_it_cannot_start_from(items: list[str], match: str):
     with pytest.raises(ConfigError, match=match):
         check_trainable(cfg(*items))
-    check_trainable(cfg("prune.method=magnitude"))  # training's own methods pass
 
 
-def test_pretrain_with_wanda_exits_2_before_any_work(tmp_path: Path, capsys, monkeypatch):
+def test_training_takes_wanda_and_sparsegpt_as_initial_masks_of_a_trained_model():
+    check_trainable(cfg("prune.method=magnitude"))
+    check_trainable(cfg("prune.method=wanda", "model.path=/m", "prune.initial_sparsity=0.5"))
+    check_trainable(
+        cfg("prune.method=sparsegpt", "model.path=/m", "prune.pattern=2:4", "prune.initial_sparsity=0.5")
+    )
+
+
+def test_pretrain_with_wanda_and_no_model_exits_2_before_any_work(tmp_path: Path, capsys, monkeypatch):
     import bloomray.export.run as run
 
     def forbidden(*args, **kwargs):
@@ -281,12 +291,20 @@ def test_pretrain_with_wanda_exits_2_before_any_work(tmp_path: Path, capsys, mon
     monkeypatch.setattr(run, "start_run", forbidden)
     code = main(["pretrain", "--output", str(tmp_path / "o"), "--set", "prune.method=wanda"])
     assert code == 2
-    assert "bloomray prune --model" in capsys.readouterr().err
+    assert "set model.path" in capsys.readouterr().err
 
 
-def test_tune_space_refuses_one_shot_methods():
+def test_tune_space_compares_one_shot_methods_only_from_a_trained_model():
     from bloomray.tune.space import check_space
 
-    c = cfg("tune.space={prune.method: {type: choice, values: [magnitude, wanda]}}")
-    with pytest.raises(ConfigError, match="value 'wanda' is not a valid config"):
-        check_space(c)
+    space = "tune.space={prune.method: {type: choice, values: [magnitude, wanda, sparsegpt]}}"
+    with pytest.raises(ConfigError, match="value 'wanda' is not a valid config:\n.*set model.path"):
+        check_space(cfg(space, "prune.initial_sparsity=0.5"))
+    check_space(cfg(space, "prune.initial_sparsity=0.5", "model.path=/m"))
+
+
+def test_card_of_a_training_run_that_started_from_wanda_masks():
+    prune = {"method": "wanda", "pattern": "2:4", "calibration_samples": 16, "initial_sparsity": 0.5}
+    meta = {"config": {"prune": prune}, "metrics": {"sparsity/layer_0": 0.5}}
+    text = _pruning_section(meta, {"dense_size_bytes": 2**20, "size_on_disk_bytes": 2**19})
+    assert "wanda one-shot (2:4 semi-structured) on 16 calibration samples at sparsity 0.5" in text

@@ -1,0 +1,77 @@
+"""Multi-objective search without Ray: the config's rules, the Pareto front over any number of
+objectives, the 2-D hypervolume, and the sampler a search gets."""
+
+from __future__ import annotations
+
+import typing
+
+import pytest
+
+from bloomray.config import OBJECTIVES, ConfigError, load_config
+from bloomray.config.schema import Objective
+from bloomray.tune.objectives import front_hypervolume, hypervolume_2d, modes, pareto_rows, sampler
+
+MO = ["tune.search=optuna", "tune.scheduler=fifo", "tune.objectives=[eval_loss, latency_ms]"]
+
+
+def cfg(*overrides: str):
+    return load_config("tune-tiny-cpu", list(overrides))
+
+
+def test_every_objective_has_a_direction():
+    assert set(OBJECTIVES) == set(typing.get_args(Objective))
+    assert modes(cfg(*MO)) == ["min", "min"]
+    assert modes(cfg(*MO[:2], "tune.objectives=[eval_loss, sparsity]")) == ["min", "max"]
+
+
+@pytest.mark.parametrize(
+    ("items", "match"),
+    [
+        (["tune.objectives=[eval_loss]"], "two or more different metrics"),
+        (["tune.objectives=[eval_loss, eval_loss]"], "two or more different metrics"),
+        (["tune.objectives=[size_mb, latency_ms]"], "must include tune.metric=eval_loss"),
+        (
+            ["tune.search=random", "tune.scheduler=fifo", "tune.objectives=[eval_loss, size_mb]"],
+            "tune.search=optuna",
+        ),
+        (["tune.search=optuna", "tune.objectives=[eval_loss, size_mb]"], "tune.scheduler=fifo"),
+        ([*MO[:2], "tune.objectives=[eval_loss, speed]"], "speed"),
+    ],
+)
+def test_bad_objectives_are_refused_with_the_fix(items, match):
+    with pytest.raises(ConfigError, match=match):
+        cfg(*items)
+
+
+def test_sampler_is_nsga2_unless_tpe_is_asked_for():
+    import optuna
+
+    assert isinstance(sampler(cfg(*MO)), optuna.samplers.NSGAIISampler)
+    assert isinstance(sampler(cfg(*MO, "tune.sampler=tpe")), optuna.samplers.TPESampler)
+
+
+def test_pareto_rows_over_three_objectives_with_one_maximised():
+    rows = [
+        {"id": "a", "eval_loss": 1.0, "size_mb": 10.0, "sparsity": 0.5},
+        {"id": "b", "eval_loss": 1.0, "size_mb": 10.0, "sparsity": 0.4},  # beaten by a on sparsity only
+        {"id": "c", "eval_loss": 0.9, "size_mb": 20.0, "sparsity": 0.1},  # best loss
+        {"id": "d", "eval_loss": 2.0, "size_mb": 5.0, "sparsity": 0.2},  # smallest
+        {"id": "e", "eval_loss": 2.0, "size_mb": 6.0, "sparsity": 0.2},  # beaten by d
+        {"id": "f", "eval_loss": None, "size_mb": 1.0, "sparsity": 0.9},  # no loss: not a candidate
+        {"id": "g", "eval_loss": 1.0, "size_mb": 10.0, "sparsity": 0.5},  # ties a: neither beats the other
+    ]
+    front = [r["id"] for r in pareto_rows(rows, ["eval_loss", "size_mb", "sparsity"])]
+    assert front == ["a", "c", "d", "g"]
+    assert [r["id"] for r in pareto_rows(rows, ["eval_loss", "size_mb"])] == ["a", "b", "c", "d", "g"]
+
+
+def test_hypervolume_of_a_staircase():
+    # (1,3), (2,2), (3,1) under ref (4,4): 3*1 + 2*1 + 1*1 = 6; dominated and outside points add 0
+    assert hypervolume_2d([(1, 3), (2, 2), (3, 1)], (4, 4)) == pytest.approx(6.0)
+    assert hypervolume_2d([(1, 3), (2, 2), (3, 1), (3, 3), (5, 0), (0, 4)], (4, 4)) == pytest.approx(6.0)
+    assert hypervolume_2d([], (4, 4)) == 0.0
+    rows = [{"eval_loss": 1.0, "sparsity": 0.5}, {"eval_loss": 2.0, "sparsity": 0.75}]
+    # signed: sparsity is maximised, so its coordinate is -sparsity and the ref bound -0.0
+    assert front_hypervolume(rows, ["eval_loss", "sparsity"], (3.0, 0.0)) == pytest.approx(
+        2.0 * 0.5 + 1.0 * 0.25
+    )
