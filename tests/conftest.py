@@ -42,6 +42,7 @@ def ensure_local_ray() -> None:
 SLOWEST_FIRST = (
     "test_serve.py",  # 297
     "test_tune.py",  # 261
+    "test_distill_recovery.py",  # ~200 (three cases since 2026-12-04)
     "test_big_vocab.py",  # 170
     "test_fault_tolerance.py",  # 144
     "test_prune_train.py",  # 131
@@ -50,9 +51,9 @@ SLOWEST_FIRST = (
     "test_finetune.py",  # 112
     "test_elastic_resume.py",  # 98
     "test_serve_signals.py",  # 90
-    "test_distill_recovery.py",  # 88
     "test_resume_contract.py",  # 82
     "test_s3_storage.py",  # 59
+    "test_engine_latency.py",  # 60
     "test_vllm_models.py",  # 54
     "test_checkpoint_state.py",  # 40
     "test_pretrain.py",  # 35

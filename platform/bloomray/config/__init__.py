@@ -16,6 +16,7 @@ from bloomray.config.load import (
     set_key,
 )
 from bloomray.config.schema import (
+    CPU_HEAD_SIZES,
     OBJECTIVES,
     ONESHOT_METHODS,
     PRUNABLE_MODULES,
@@ -26,6 +27,7 @@ from bloomray.config.schema import (
 )
 
 __all__ = [
+    "CPU_HEAD_SIZES",
     "OBJECTIVES",
     "ONESHOT_METHODS",
     "PRUNABLE_MODULES",

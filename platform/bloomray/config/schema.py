@@ -149,6 +149,10 @@ class OutputConfig(_Section):
     export: bool = True
 
 
+# Head sizes vLLM's CPU attention kernels run: a shape served on CPU, or measured in the engine
+# for the decode_rel objective, needs one of them.
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+
 # BLOOM block Linears that can be pruned (embeddings, LayerNorms, the tied head cannot).
 PRUNABLE_MODULES = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 
@@ -222,13 +226,18 @@ class SpaceParam(_Section):
 # What a multi-objective search (``tune.objectives``) can trade off, and which way is better:
 # the trial's eval metrics, its export's forward latency (transformers, select.latency_batch x
 # latency_seq, measured in the trial; the Pareto front re-measures every export in interleaved
-# rounds), size on disk, and sparsity.
-Objective = Literal["eval_loss", "eval_accuracy", "eval_macro_f1", "latency_ms", "size_mb", "sparsity"]
+# rounds), its decode latency in the serving engine relative to the dense shape (vLLM, the same
+# request mix for every trial, rounds interleaved with the dense reference: tune/engine_latency.py),
+# size on disk, and sparsity.
+Objective = Literal[
+    "eval_loss", "eval_accuracy", "eval_macro_f1", "latency_ms", "decode_rel", "size_mb", "sparsity"
+]
 OBJECTIVES: dict[str, Literal["min", "max"]] = {
     "eval_loss": "min",
     "eval_accuracy": "max",
     "eval_macro_f1": "max",
     "latency_ms": "min",
+    "decode_rel": "min",
     "size_mb": "min",
     "sparsity": "max",
 }
@@ -285,8 +294,9 @@ class SelectConfig(_Section):
 
     max_latency_ms: float | None = Field(None, gt=0)
     min_sparsity: float | None = Field(None, ge=0, lt=1)
-    latency_batch: int = Field(4, ge=1)
-    latency_seq: int = Field(64, ge=1)
+    latency_batch: int = Field(4, ge=1)  # requests (forward: rows) of the latency measurements
+    latency_seq: int = Field(64, ge=1)  # their prompt tokens
+    decode_tokens: int = Field(32, ge=1)  # tokens each request generates for decode_rel
 
 
 class RayConfig(_Section):

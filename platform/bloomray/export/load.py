@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
-from transformers import BloomConfig, PreTrainedModel
+from transformers import AutoTokenizer, BloomConfig, PreTrainedModel
 
 from bloomray.export.sparse import SPARSE_FILE, SPARSE_KEY, load_sparse
+from bloomray.files import atomic_dir
 from bloomray.model.build import ModelLoadError, load_pretrained, model_class
 from bloomray.model.compact import SPEC_KEY, reshape_model
 from bloomray.model.compact_hf import BloomrayCompactForCausalLM, compact_config
@@ -68,3 +69,21 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None) -> PreTrained
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()
+
+
+DENSE_DIR = "vllm-dense"  # where a sparse export's dense copy is cached (inside the export)
+
+
+def dense_copy(path: str | Path) -> str:
+    """A dense HF dir of a sparse-packed export (what vLLM loads), written once, atomically, inside it."""
+    src = Path(path)
+    out = src / DENSE_DIR
+    if (out / "config.json").is_file():
+        return str(out)
+    model = load_model(src)
+    if hasattr(model.config, SPARSE_KEY):
+        delattr(model.config, SPARSE_KEY)  # the copy is a plain dense dir
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        AutoTokenizer.from_pretrained(str(src)).save_pretrained(str(tmp))
+    return str(out)

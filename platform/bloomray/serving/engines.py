@@ -18,12 +18,9 @@ from typing import Any
 from ray import serve
 from safetensors import safe_open
 
-from bloomray.config import ConfigError
-from bloomray.files import atomic_dir
+from bloomray.config import CPU_HEAD_SIZES, ConfigError
 from bloomray.serving.options import ServeOptions
 
-CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)  # vLLM's CPU attention kernels
-DENSE_DIR = "vllm-dense"  # where a sparse export's dense copy is cached (inside the export)
 W8A8_DIR = "vllm-w8a8"  # where the int8 copy is cached (inside the served dir)
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -76,26 +73,6 @@ def inspect_model_dir(name: str, path: str) -> dict[str, Any]:
     }
 
 
-def dense_copy(path: str) -> str:
-    """A dense HF dir of a sparse-packed export, written once (atomically) inside the export."""
-    from transformers import AutoTokenizer
-
-    from bloomray.export.load import load_model
-    from bloomray.export.sparse import SPARSE_KEY
-
-    src = Path(path)
-    out = src / DENSE_DIR
-    if (out / "config.json").is_file():
-        return str(out)
-    model = load_model(src)
-    if hasattr(model.config, SPARSE_KEY):
-        delattr(model.config, SPARSE_KEY)  # the copy is a plain dense dir
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        AutoTokenizer.from_pretrained(str(src)).save_pretrained(str(tmp))
-    return str(out)
-
-
 def w8a8_copy(path: str) -> str:
     """The W8A8 int8 copy of a model dir (compressed-tensors, run by vLLM), written once inside it."""
     from bloomray.serving.quantize import quantize_w8a8
@@ -108,6 +85,8 @@ def w8a8_copy(path: str) -> str:
 
 def engine_source(meta: dict[str, Any], opts: ServeOptions) -> str:
     """What vLLM loads for an inspected causal-LM dir: dense (sparse expanded), int8 if asked."""
+    from bloomray.export.load import dense_copy
+
     path = dense_copy(meta["path"]) if meta["sparse"] else meta["path"]
     return w8a8_copy(path) if opts.quantize == "w8a8" else path
 

@@ -38,8 +38,12 @@ def _trial(
     tokenizer_files: dict[str, bytes],
     base: dict[str, Any],
     root: str,
+    reference: str | None = None,
 ) -> None:
-    """One trial: train + export with the sampled config, then report the final metrics."""
+    """One trial: train + export with the sampled config, then report the final metrics.
+
+    ``reference``: the dense shape the ``decode_rel`` objective is measured against.
+    """
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from bloomray.export.run import train_prepared
@@ -63,9 +67,9 @@ def _trial(
         attempts.write_text(str(int(attempts.read_text()) + 1 if attempts.exists() else 1))
         dump_config(cfg, out / "config.yaml")
         summary = train_prepared(cfg, out, data, tok_dir, callbacks=[] if multi else [TuneReportCallback()])
-        if multi and summary.get("model_dir"):
-            summary.update(trial_measures(cfg, summary["model_dir"]))
-            atomic_write_text(done, json.dumps(summary, indent=2, default=str))
+    if multi and summary.get("model_dir") and not set(cfg.tune.objectives) <= set(summary):
+        summary.update(trial_measures(cfg, summary["model_dir"], reference))
+        atomic_write_text(done, json.dumps(summary, indent=2, default=str))
     final = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
     tune.report({**final, FINAL_KEY: 1, "model_dir": summary.get("model_dir", "")})
 
@@ -145,6 +149,14 @@ def run_tune(cfg: Config, output_dir: str | Path, resume: bool = False) -> dict[
     data = prepare_data(cfg, out / "tokenizer", data_dir=out / "data")
     dump_config(cfg, out / "config.yaml")
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    reference = None
+    if "decode_rel" in cfg.tune.objectives:
+        from bloomray.model.build import resolve_model_config
+        from bloomray.tune.engine_latency import write_reference
+
+        m = cfg.model
+        shape = resolve_model_config(cfg.task, m.preset, m.path, data.tokenizer, data.id2label, m.vocab_size)
+        reference = write_reference(cfg, out, shape, out / "tokenizer")
     trainable = tune.with_resources(
         tune.with_parameters(
             _trial,
@@ -152,6 +164,7 @@ def run_tune(cfg: Config, output_dir: str | Path, resume: bool = False) -> dict[
             tokenizer_files=read_tokenizer_files(out / "tokenizer"),
             base=cfg.model_dump(mode="json"),
             root=str(out),
+            reference=reference,
         ),
         {"CPU": 0.5},
     )

@@ -37,17 +37,29 @@ def size_mb(model_dir: str | Path) -> float:
     return sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors")) / 2**20
 
 
-def trial_measures(cfg: Config, model_dir: str | Path, rounds: int = 3) -> dict[str, float]:
-    """What a trial measures on its own export for the sampler: latency (best of ``rounds``), size."""
+def trial_measures(
+    cfg: Config, model_dir: str | Path, reference: str | None = None, rounds: int = 3
+) -> dict[str, Any]:
+    """What a trial measures on its own export for the sampler: size; the forward latency (best
+    of ``rounds``) for ``latency_ms``; ``decode_ms`` and ``decode_rel`` in the serving engine
+    against ``reference`` (``engine_latency.py``) for ``decode_rel``."""
     from bloomray.export.latency import forward_latency_ms
     from bloomray.export.load import load_model
 
-    out = {"size_mb": size_mb(model_dir)}
+    out: dict[str, Any] = {"size_mb": size_mb(model_dir)}
     if "latency_ms" in cfg.tune.objectives:
         model = load_model(model_dir)
         out["latency_ms"] = min(
             forward_latency_ms(model, cfg.select.latency_batch, cfg.select.latency_seq) for _ in range(rounds)
         )
+    if "decode_rel" in cfg.tune.objectives:
+        from bloomray.tune.engine_latency import engine_measures
+
+        if reference is None:
+            raise ValueError(
+                "decode_rel needs the dense reference the driver writes (engine_latency.write_reference)"
+            )
+        out.update(engine_measures(cfg, str(model_dir), reference))
     return out
 
 

@@ -17,7 +17,7 @@ from ray import tune
 
 from bloomray.config import Config
 from bloomray.files import atomic_dir, atomic_write_text
-from bloomray.tune.objectives import pareto_rows
+from bloomray.tune.objectives import pareto_rows, size_mb
 from bloomray.tune.select import Candidate, choose_winner, pareto_front
 
 FINAL_KEY = "bloomray_final"
@@ -51,7 +51,8 @@ def collect_rows(cfg: Config, out: Path) -> list[dict[str, Any]]:
             row[key] = last.get(key)
         if cfg.tune.objectives:  # what the trial measured for the sampler (summarize re-measures)
             row["trial_latency_ms"] = last.get("latency_ms")
-            row["size_mb"] = last.get("size_mb")
+            for key in ("size_mb", "decode_ms", "decode_rel"):
+                row[key] = last.get(key)
         row["model_dir"] = last.get("model_dir", "") if finished else ""
         rows.append(row)
     return rows
@@ -93,7 +94,7 @@ def measure(cfg: Config, rows: list[dict[str, Any]], rounds: int = 3) -> list[Ca
     cands = []
     for row in done:
         row["parameters"] = count_parameters(models[row["trial_id"]])
-        row["size_mb"] = sum(p.stat().st_size for p in Path(row["model_dir"]).glob("*.safetensors")) / 2**20
+        row["size_mb"] = size_mb(row["model_dir"])
         row["latency_ms"] = best[row["trial_id"]]
         quality = row[cfg.tune.metric] if cfg.tune.metric == "eval_loss" else 1.0 - row[cfg.tune.metric]
         cands.append(

@@ -75,3 +75,26 @@ def test_hypervolume_of_a_staircase():
     assert front_hypervolume(rows, ["eval_loss", "sparsity"], (3.0, 0.0)) == pytest.approx(
         2.0 * 0.5 + 1.0 * 0.25
     )
+
+
+def test_decode_rel_needs_a_shape_vllm_runs_on_cpu(tmp_path):
+    from bloomray.tune.space import check_space
+
+    mo = [*MO[:2], "tune.objectives=[eval_loss, decode_rel]"]
+    check_space(cfg(*mo))  # the preset's small shape: head size 256 / 8 = 32
+    with pytest.raises(ConfigError, match="this model's is 16 .*model.preset=small"):
+        check_space(cfg(*mo, "model.preset=tiny"))
+    (tmp_path / "config.json").write_text('{"hidden_size": 96, "n_head": 4}')
+    with pytest.raises(ConfigError, match="this model's is 24"):
+        check_space(cfg(*mo, f"model.path={tmp_path}"))
+    check_space(cfg(*mo, "model.preset=tiny", "scaling.use_gpu=true"))  # GPU attention takes 16
+
+
+def test_engine_binds_the_cores_it_may_run_on_and_the_mix_is_fixed():
+    from bloomray.tune.engine_latency import cpu_bind, request_mix
+
+    assert cpu_bind({0, 1}) == "0-1" and cpu_bind({3}) == "3"
+    assert cpu_bind({0, 1, 2, 5, 7, 8}) == "0-2,5,7-8"
+    mix = request_mix(300, batch=4, prompt_len=8)
+    assert mix == request_mix(300, batch=4, prompt_len=8) and len(mix) == 4
+    assert all(len(r) == 8 and all(3 <= t < 300 for t in r) for r in mix)
