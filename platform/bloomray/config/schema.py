@@ -257,10 +257,10 @@ class TuneConfig(_Section):
     max_failures: int = Field(1, ge=0)  # retries of a failed trial before it is reported ERROR
     seed: int = 0
     # Two or more: a multi-objective search (tune.search=optuna, tune.scheduler=fifo) on all of
-    # them at once with Optuna's NSGA-II (or TPE) sampler; the Pareto front over them is marked in
+    # them at once with Optuna's NSGA-II (or TPE, or random) sampler; the Pareto front over them is marked in
     # trials.csv and the winner is chosen from it by the select.* rules. Must include tune.metric.
     objectives: list[Objective] = []
-    sampler: Literal["nsga2", "tpe"] = "nsga2"
+    sampler: Literal["nsga2", "tpe", "random"] = "nsga2"  # random: the baseline to compare a search against
 
     @model_validator(mode="after")
     def _check_objectives(self) -> TuneConfig:

@@ -29,6 +29,8 @@ def sampler(cfg: Config) -> Any:
 
     if cfg.tune.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=cfg.tune.seed)
+    if cfg.tune.sampler == "random":  # the same objectives measured, none used to choose points
+        return optuna.samplers.RandomSampler(seed=cfg.tune.seed)
     return optuna.samplers.TPESampler(seed=cfg.tune.seed)
 
 

@@ -43,11 +43,12 @@ def test_bad_objectives_are_refused_with_the_fix(items, match):
         cfg(*items)
 
 
-def test_sampler_is_nsga2_unless_tpe_is_asked_for():
+def test_sampler_is_nsga2_unless_tpe_or_random_is_asked_for():
     import optuna
 
     assert isinstance(sampler(cfg(*MO)), optuna.samplers.NSGAIISampler)
     assert isinstance(sampler(cfg(*MO, "tune.sampler=tpe")), optuna.samplers.TPESampler)
+    assert isinstance(sampler(cfg(*MO, "tune.sampler=random")), optuna.samplers.RandomSampler)
 
 
 def test_pareto_rows_over_three_objectives_with_one_maximised():
