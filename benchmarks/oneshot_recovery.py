@@ -36,38 +36,24 @@ from pathlib import Path
 from typing import Any
 
 from _results import ROOT, markdown_table, report  # benchmarks/ is on sys.path when run as a script
+from sparsity_quality import RAY_CPUS, base_overrides
 
 from bloomray.config import load_config
 
 CACHE = ROOT / "outputs" / "bench-oneshot"
-RAY_CPUS = 4
 ok = {True: "met", False: "MISSED"}
 RECOVERY_TOLERANCE = {"unstructured": 0.02, "2:4": 0.06, "structured": 0.08}
 SPEEDUP_TARGET = 1.4
 
 
 def base(steps: int, quick: bool) -> list[str]:
+    """sparsity_quality's shared run settings (small preset, ZeRO-2 bf16, 2 workers), on the LM corpus."""
     return [
         "task=causal_lm",
-        "model.preset=small",
         "data.block_size=128",
         "data.tokenizer.vocab_size=4096",
-        f"train.max_steps={steps}",
-        "train.global_batch_size=16",
-        "train.micro_batch_size=8",
-        f"train.warmup_steps={2 if quick else 20}",
-        f"train.log_every={max(1, steps // 5)}",
-        f"train.eval_every={steps}",
-        f"train.checkpoint_every={steps}",
-        "train.keep_checkpoints=1",
-        "train.max_failures=0",
-        "train.seed=0",
-        "deepspeed.zero_stage=2",
-        "deepspeed.precision=bf16",
-        "scaling.num_workers=2",
-        "scaling.cpus_per_worker=1",
-        "output.tensorboard=false",
-        f"ray.num_cpus={RAY_CPUS}",
+        *base_overrides(steps),
+        f"train.warmup_steps={2 if quick else 20}",  # after base_overrides: the later value wins
     ]
 
 
