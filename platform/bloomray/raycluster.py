@@ -121,3 +121,15 @@ def _has_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def outside_placement_group() -> Any:
+    """A scheduling strategy that takes a task out of its caller's placement group.
+
+    Ray schedules a task started inside a placement group (a Tune trial's holds only the
+    trial's own 0.5 CPU) into that group, where a task asking for more never fits; with this
+    it gets what it asks for from the cluster.
+    """
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return PlacementGroupSchedulingStrategy(placement_group=None)

@@ -34,6 +34,7 @@ from bloomray.files import atomic_dir
 from bloomray.model.build import load_pretrained
 from bloomray.prune.masks import target_names
 from bloomray.prune.oneshot import OneShotError, oneshot_prune
+from bloomray.raycluster import outside_placement_group
 
 log = logging.getLogger(__name__)
 FACTS_FILE = "oneshot.json"
@@ -184,8 +185,11 @@ def initial_model(cfg: Config, out: Path, data: PreparedData) -> tuple[str, dict
             return str(dest), facts
         log.warning("%s was pruned with other settings or data: pruning the starting model again", dest)
     check_task_resources(cfg, ray.cluster_resources(), "one-shot initial-mask task")
-    task = ray.remote(
-        num_cpus=cfg.scaling.cpus_per_worker, num_gpus=1 if cfg.scaling.use_gpu else 0, max_retries=0
+    task = ray.remote(  # out of a Tune trial's placement group, which holds only the trial's CPU
+        num_cpus=cfg.scaling.cpus_per_worker,
+        num_gpus=1 if cfg.scaling.use_gpu else 0,
+        max_retries=0,
+        scheduling_strategy=outside_placement_group(),
     )(_initial_task)
     ref = task.remote(str(dest), cfg.model_dump(mode="json"), calib, evals, key)
     try:

@@ -116,13 +116,18 @@ def engine_measures(cfg: Config, model_dir: str, reference: str, rounds: int = 5
 
     from bloomray.export.load import dense_copy
     from bloomray.export.sparse import SPARSE_KEY
+    from bloomray.raycluster import outside_placement_group
 
     raw = json.loads((Path(model_dir) / "config.json").read_text())
     source = dense_copy(model_dir) if SPARSE_KEY in raw else model_dir
     s, sel = cfg.scaling, cfg.select
-    task = ray.remote(num_cpus=s.cpus_per_worker, num_gpus=1 if s.use_gpu else 0, max_calls=1, max_retries=0)(
-        _task
-    )
+    task = ray.remote(
+        num_cpus=s.cpus_per_worker,
+        num_gpus=1 if s.use_gpu else 0,
+        max_calls=1,
+        max_retries=0,
+        scheduling_strategy=outside_placement_group(),
+    )(_task)
     dirs = {"trial": source, "reference": reference}
     got = ray.get(task.remote(dirs, sel.latency_batch, sel.latency_seq, sel.decode_tokens, rounds, s.use_gpu))
     ms = got["ms"]

@@ -145,6 +145,7 @@ def summarize(cfg: Config, out: Path) -> dict[str, Any]:
                 "parameters",
                 "size_mb",
                 "latency_ms",
+                *(o for o in cfg.tune.objectives if o not in ("size_mb", "latency_ms", "sparsity")),
             )
         },
         "selection": why,
