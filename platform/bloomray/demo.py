@@ -165,10 +165,6 @@ def run_demo(
                 "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 16},
                 "logging_config": {"enable_access_log": False},  # keep the demo's console readable
             },
-            "ingress_deployment": {
-                "ray_actor_options": {"num_cpus": 0.5},
-                "logging_config": {"enable_access_log": False},
-            },
         },
     )
     print(f"[demo] serving at {url}", flush=True)

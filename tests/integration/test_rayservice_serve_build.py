@@ -128,14 +128,12 @@ def test_rayservice_serve_config_is_what_serve_build_writes(built):
     cfg = rayservice_serve_config()
     problems = serve_build_problems(cfg, built)
     assert not problems, "\n".join(problems)
-    # The build used the RayService's args: engines on the GPU group, the ingress's CPU share.
-    engines = [d for d in built["applications"][0]["deployments"] if d["name"].startswith("LLMServer:")]
-    assert engines and all(d["placement_group_bundles"][0].get("GPU") == 1 for d in engines), engines
-    ingress = next(d for d in built["applications"][0]["deployments"] if d["name"] == "BloomIngress")
-    assert (
-        ingress["ray_actor_options"]
-        == cfg["applications"][0]["args"]["ingress_deployment"]["ray_actor_options"]
-    )
+    # The build used the RayService's args: the engine on the GPU group, and it is the ingress
+    # (no separate BloomIngress deployment when a causal LM is served).
+    names = [d["name"] for d in built["applications"][0]["deployments"]]
+    assert names == ["LLMServer:default"], names
+    (engine,) = built["applications"][0]["deployments"]
+    assert engine["placement_group_bundles"][0].get("GPU") == 1, engine
 
 
 def _deployment(cfg: Doc, name: str) -> Doc:
@@ -148,8 +146,8 @@ EDITS = {
         max_replicas=8
     ),
     "option missing": lambda c: _deployment(c, "LLMServer:default").pop("health_check_timeout_s"),
-    "resource option differs": lambda c: _deployment(c, "BloomIngress").update(
-        ray_actor_options={"num_cpus": 2}
+    "resource option differs": lambda c: _deployment(c, "LLMServer:default").update(
+        ray_actor_options={"num_cpus": 7}
     ),
     "deployment missing": lambda c: c["applications"][0]["deployments"].pop(),
     "proxy_location": lambda c: c.update(proxy_location="HeadOnly"),

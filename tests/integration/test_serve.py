@@ -356,11 +356,13 @@ def test_timeout_504_stops_the_generation(server):
     """
     from ray import serve
 
-    from bloomray.serving.ingress import BloomIngress
+    from bloomray.serving.ingress import INGRESS_OPTIONS, BloomServer
 
     engine = serve.get_deployment_handle("LLMServer:tiny", app_name="bloomray")
     keys = {"env_vars": {"BLOOMRAY_API_KEYS_FILE": os.environ["BLOOMRAY_API_KEYS_FILE"]}}
-    slow = BloomIngress.options(name="SlowIngress", ray_actor_options={"runtime_env": keys}).bind(
+    ingress = serve.deployment(BloomServer, **INGRESS_OPTIONS)
+    slow = ingress.options(name="SlowIngress", ray_actor_options={"runtime_env": keys}).bind(
+        None,
         engines={"tiny": engine},
         classifiers={},
         models={"tiny": {"task": "causal_lm"}},

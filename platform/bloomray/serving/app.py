@@ -1,4 +1,5 @@
-"""The Serve application: :class:`BloomIngress` in front of one deployment per served model.
+"""The Serve application: the first causal LM's engine deployment is the HTTP ingress
+(:class:`BloomServer`); every other model gets a deployment of its own behind it.
 
 Nothing runs at import: :func:`build_app` returns a bound application that ``serve run`` /
 ``serve deploy`` (import path ``bloomray.serving.app:build_app``) or ``bloomray serve`` start.
@@ -13,7 +14,7 @@ from ray import serve
 
 from bloomray.config import ConfigError
 from bloomray.serving.engines import classifier_deployment, inspect_model_dir, llm_deployment
-from bloomray.serving.ingress import BloomIngress
+from bloomray.serving.ingress import INGRESS_OPTIONS, BloomServer
 from bloomray.serving.options import ServeOptions
 
 
@@ -22,7 +23,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
 
     Args (a Serve config's ``args`` or the CLI): ``models`` ({name: dir}, or a JSON string of
     it) or ``model_dir``; the rest are :class:`ServeOptions` fields. An ``ingress_deployment``
-    dict sets the ingress's Serve options (e.g. its ``ray_actor_options``).
+    dict sets the Serve options of a separate ingress, which only an app without a causal LM
+    has; its ``ray_actor_options.runtime_env.env_vars`` reach the ingress either way.
 
     Raises:
         ConfigError: no models, a dir that is not a servable model, or an unknown option.
@@ -37,13 +39,19 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         raise ConfigError("no models to serve: give models={name: model_dir} (or --model DIR)")
     ingress_options = dict(args.pop("ingress_deployment", None) or {})
     opts = ServeOptions.from_args(args)
-    info, engines, classifiers = {}, {}, {}
+    info, metas, classifiers = {}, {}, {}
     for name, path in models.items():
         meta = inspect_model_dir(name, path)
         info[name] = {"task": meta["task"]}
         if meta["task"] == "classification":
             classifiers[name] = classifier_deployment(name, meta["path"], opts)
         else:
-            engines[name] = llm_deployment(name, meta, opts)
-    ingress = BloomIngress.options(**ingress_options) if ingress_options else BloomIngress
-    return ingress.bind(engines=engines, classifiers=classifiers, models=info, options=args)
+            metas[name] = meta
+    lms = list(metas)
+    engines = {name: llm_deployment(name, metas[name], opts) for name in lms[1:]}
+    bind = {"engines": engines, "classifiers": classifiers, "models": info, "options": args}
+    if lms:  # the first causal LM's engine answers HTTP: one hop less for every streamed token
+        env = ((ingress_options.get("ray_actor_options") or {}).get("runtime_env") or {}).get("env_vars")
+        return llm_deployment(lms[0], metas[lms[0]], opts, BloomServer, bind, env)
+    ingress = serve.deployment(BloomServer, **{**INGRESS_OPTIONS, **ingress_options})
+    return ingress.bind(None, **bind)

@@ -99,12 +99,21 @@ def use_gpu(opts: ServeOptions) -> bool:
     return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
 
 
-def llm_deployment(name: str, meta: dict[str, Any], opts: ServeOptions) -> serve.Application:
+def llm_deployment(
+    name: str,
+    meta: dict[str, Any],
+    opts: ServeOptions,
+    server_cls: type | None = None,
+    bind_kwargs: dict[str, Any] | None = None,
+    env_vars: dict[str, str] | None = None,
+) -> serve.Application:
     """An ``LLMServer`` deployment (Ray Serve LLM + vLLM) serving an inspected dir as model ``name``.
 
     Args:
         meta: :func:`inspect_model_dir`'s answer; the head size is checked before any copy
             (dense expansion, int8) is written.
+        server_cls: an ``LLMServer`` subclass to deploy instead (the ingress that holds this
+            engine), bound with ``bind_kwargs`` and given ``env_vars`` too.
     """
     from ray.serve.llm import LLMConfig, build_llm_deployment
 
@@ -124,7 +133,7 @@ def llm_deployment(name: str, meta: dict[str, Any], opts: ServeOptions) -> serve
         "seed": 0,
         "enable_log_requests": False,  # vLLM would log prompts (at DEBUG) and request params
     }
-    env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", **(env_vars or {})}
     placement = None
     if not gpu:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(opts.kv_cache_gib)
@@ -139,7 +148,9 @@ def llm_deployment(name: str, meta: dict[str, Any], opts: ServeOptions) -> serve
         deployment_config=dict(opts.engine_deployment),
         log_engine_metrics=True,
     )
-    return build_llm_deployment(config, name_prefix="LLMServer:")
+    return build_llm_deployment(
+        config, name_prefix="LLMServer:", deployment_cls=server_cls, bind_kwargs=bind_kwargs
+    )
 
 
 @serve.deployment(name="Classifier")

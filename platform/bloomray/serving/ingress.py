@@ -1,10 +1,14 @@
-"""The HTTP front door: auth, limits, admission and one error shape, in front of the engines.
+"""The HTTP front door: auth, limits, admission and one error shape, around the engines.
 
-The router knows nothing about generation: it checks a request (key, size, fields, limits),
-admits it by the work it brings (prompts x n), and forwards it to the model's deployment
-(``LLMServer`` for causal LMs, ``ClassifierServer`` for classifiers) through a streaming
-handle. A client that disconnects or a request past the timeout cancels the handle call,
-which cancels the engine request and frees its place in the batch.
+:class:`BloomServer` is Ray Serve LLM's ``LLMServer`` with bloomray's routes: the app's first
+causal LM runs its vLLM engine inside the deployment that answers HTTP, so a streamed token
+crosses one Ray hop (replica to Serve's proxy), as in Ray Serve LLM's own direct streaming.
+Every other model (more variants, classifiers) is reached through a streaming handle to its
+own deployment (``LLMServer`` or ``ClassifierServer``); an app without a causal LM runs it
+with no engine. The router knows nothing about generation: it checks a request (key, size,
+fields, limits), admits it by the work it brings (prompts x n), and hands it to the engine. A
+client that disconnects or a request past the timeout cancels the engine call, which aborts
+the vLLM request and frees its place in the batch.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from ray.serve.llm import LLMConfig, LLMServer
 
 from bloomray.config import ConfigError
 from bloomray.serving.auth import check_key, load_keys
@@ -35,14 +40,37 @@ from bloomray.serving.schema import (
     validation_error,
 )
 
+INGRESS_OPTIONS = {"name": "BloomIngress", "max_ongoing_requests": 1000, "max_queued_requests": -1}
 
-@serve.deployment(name="BloomIngress", max_ongoing_requests=1000, max_queued_requests=-1)
+
+class LocalStream:
+    """The in-replica engine's output stream with a handle response's ``cancel()``."""
+
+    _closing: set[asyncio.Task] = set()
+
+    def __init__(self, gen: Any) -> None:
+        self.gen = gen
+
+    def __anext__(self) -> Any:
+        return self.gen.__anext__()
+
+    def cancel(self) -> None:
+        # Closing the generator cancels Ray Serve LLM's reader task, and vLLM aborts the request.
+        task = asyncio.ensure_future(self.gen.aclose())
+        self._closing.add(task)
+        task.add_done_callback(lambda t: self._closing.discard(t) or t.cancelled() or t.exception())
+
+
 @serve.ingress(api)
-class BloomIngress:
-    """OpenAI-style routes over the model deployments; see the module docstring."""
+class BloomServer(LLMServer):
+    """OpenAI-style routes over the in-replica engine and the other deployments (module docstring)."""
 
-    def __init__(
+    # LLMServer's hook would replace these routes with vLLM's own app (its direct streaming).
+    __serve_build_asgi_app__ = None
+
+    async def __init__(
         self,
+        llm_config: LLMConfig | None,
         engines: dict[str, DeploymentHandle],
         classifiers: dict[str, DeploymentHandle],
         models: dict[str, dict[str, Any]],
@@ -62,6 +90,25 @@ class BloomIngress:
         from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 
         self.engine_chat, self.engine_completion = ChatCompletionRequest, CompletionRequest
+        self.local = llm_config.model_id if llm_config is not None else None
+        if llm_config is not None:
+            await LLMServer.__init__(self, llm_config)  # starts the engine: weights load here
+        else:  # no engine in this replica: LLMServer's health check and hooks pass, nothing runs
+            self._llm_config, self.engine = None, None
+
+    def _open(self, name: str, method: str, engine_req: Any) -> Any:
+        """The engine call for model ``name``: an awaitable of a stream with ``cancel()``."""
+        if name == self.local:
+
+            async def local() -> LocalStream:
+                return LocalStream(await getattr(LLMServer, method)(self, engine_req, None))
+
+            return local()
+
+        async def remote() -> Any:
+            return getattr(self.engines[name], method).remote(engine_req, None)
+
+        return remote()
 
     # ------------------------------------------------------------------ checks
 
@@ -156,6 +203,7 @@ class BloomIngress:
         handles = list(self.engines.values()) + list(self.classifiers.values())
         try:
             async with asyncio.timeout(10):
+                await self.check_health()  # the in-replica engine (none: passes)
                 for h in handles:
                     await h.options(stream=False).check_health.remote()
         except Exception as exc:  # noqa: BLE001 - any failure means unhealthy
@@ -171,16 +219,17 @@ class BloomIngress:
         ]
         return JSONResponse({"object": "list", "data": data})
 
+    # Route methods are named route_*: chat() and completions() are LLMServer's engine calls.
     @api.post("/v1/completions")
-    async def completions(self, request: Request) -> Any:
+    async def route_completions(self, request: Request) -> Any:
         return await self._generate(request, CompletionRequest, "completions", default_tokens=16)
 
     @api.post("/v1/chat/completions")
-    async def chat(self, request: Request) -> Any:
+    async def route_chat(self, request: Request) -> Any:
         return await self._generate(request, ChatRequest, "chat", default_tokens=self.opts.max_tokens_limit)
 
     @api.post("/v1/classify")
-    async def classify(self, request: Request) -> JSONResponse:
+    async def route_classify(self, request: Request) -> JSONResponse:
         start = time.perf_counter()
         try:
             self._auth(request)
@@ -231,13 +280,14 @@ class BloomIngress:
             if req.stream:
                 return await self._stream(name, method, engine_req, units, start)
             with self._admit(units):
-                gen = getattr(self.engines[name], method).remote(engine_req, None)
+                gen = await self._open(name, method, engine_req)
                 try:
                     async with asyncio.timeout(self.opts.request_timeout_s):
                         first = await self._first(gen)
                 except TimeoutError:
                     gen.cancel()
                     raise self._timeout() from None
+                gen.cancel()  # done: the one response came (a no-op for a finished call)
             body = first.model_dump() if isinstance(first, BaseModel) else first
             self.metrics.done(f"/v1/{method}", start, (body.get("usage") or {}).get("completion_tokens", 0))
             return JSONResponse(body)
@@ -263,7 +313,7 @@ class BloomIngress:
     async def _stream(self, name: str, method: str, engine_req: Any, units: int, start: float) -> Any:
         admit = self._admit(units)
         admit.__enter__()
-        gen = getattr(self.engines[name], method).remote(engine_req, None)
+        gen = await self._open(name, method, engine_req)
         try:
             async with asyncio.timeout(self.opts.request_timeout_s):
                 first = await self._first(gen)
