@@ -17,18 +17,18 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from contextlib import contextmanager
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from ray.serve.llm import LLMConfig, LLMServer
 
 from bloomray.config import ConfigError
-from bloomray.serving.auth import check_key, load_keys
+from bloomray.serving.auth import load_keys
+from bloomray.serving.checks import RequestChecks
 from bloomray.serving.http import UNAVAILABLE, api, unavailable
 from bloomray.serving.metrics import ServeMetrics
 from bloomray.serving.options import ServeOptions
@@ -37,7 +37,6 @@ from bloomray.serving.schema import (
     ChatRequest,
     ClassifyRequest,
     CompletionRequest,
-    validation_error,
 )
 
 INGRESS_OPTIONS = {"name": "BloomIngress", "max_ongoing_requests": 1000, "max_queued_requests": -1}
@@ -62,7 +61,7 @@ class LocalStream:
 
 
 @serve.ingress(api)
-class BloomServer(LLMServer):
+class BloomServer(RequestChecks, LLMServer):
     """OpenAI-style routes over the in-replica engine and the other deployments (module docstring)."""
 
     # LLMServer's hook would replace these routes with vLLM's own app (its direct streaming).
@@ -109,92 +108,6 @@ class BloomServer(LLMServer):
             return getattr(self.engines[name], method).remote(engine_req, None)
 
         return remote()
-
-    # ------------------------------------------------------------------ checks
-
-    def _auth(self, request: Request) -> None:
-        if not check_key(request.headers.get("authorization"), self.keys):
-            raise APIError(
-                401, "missing or invalid API key: send 'Authorization: Bearer <key>'", code="invalid_api_key"
-            )
-
-    async def _body(self, request: Request, schema: type[BaseModel]) -> Any:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.opts.max_body_bytes:
-            raise self._too_large(int(declared))
-        raw = await request.body()
-        if len(raw) > self.opts.max_body_bytes:
-            raise self._too_large(len(raw))
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise APIError(400, "request body is not valid JSON", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "request body must be a JSON object", code="invalid_json")
-        try:
-            return schema.model_validate(body)
-        except ValidationError as exc:
-            raise validation_error(exc) from None
-
-    def _too_large(self, size: int) -> APIError:
-        return APIError(
-            413,
-            f"request body of {size} bytes is above this server's limit of {self.opts.max_body_bytes}",
-            code="body_too_large",
-        )
-
-    def _model(self, name: str | None, task: str) -> str:
-        name = name or self.default
-        if name not in self.models:
-            raise APIError(
-                404,
-                f"model {name!r} is not served; GET /v1/models lists {list(self.models)}",
-                param="model",
-                code="model_not_found",
-            )
-        if self.models[name]["task"] != task:
-            hint = "POST /v1/classify" if task == "causal_lm" else "POST /v1/completions"
-            what = "a classifier" if task == "causal_lm" else "a causal LM, not a classifier"
-            raise APIError(
-                400, f"model {name!r} is {what}: use {hint}", param="model", code="wrong_model_task"
-            )
-        return name
-
-    def _limits(self, req: CompletionRequest | ChatRequest, default_tokens: int) -> None:
-        prompts = len(req.prompts())
-        if prompts > self.opts.max_prompts:
-            raise APIError(
-                400, f"{prompts} prompts in one request; the limit is {self.opts.max_prompts}", param="prompt"
-            )
-        if req.n > self.opts.max_n:
-            raise APIError(400, f"n={req.n} is above this server's limit of {self.opts.max_n}", param="n")
-        wanted = getattr(req, "max_completion_tokens", None) or req.max_tokens or default_tokens
-        if wanted > self.opts.max_tokens_limit:
-            raise APIError(
-                400,
-                f"max_tokens={wanted} is above this server's limit of {self.opts.max_tokens_limit}",
-                param="max_tokens",
-                code="invalid_value",
-            )
-
-    @contextmanager
-    def _admit(self, units: int):
-        """Hold ``units`` of work (prompts x n) or answer 503 when the replica is full."""
-        if self.inflight + units > self.opts.max_queue:
-            raise APIError(
-                503,
-                f"server busy: {self.inflight} prompts in flight on this replica; retry shortly",
-                "server_overloaded",
-                code="queue_full",
-                headers={"Retry-After": "1"},
-            )
-        self.inflight += units
-        self.metrics.queue.set(self.inflight)
-        try:
-            yield
-        finally:
-            self.inflight -= units
-            self.metrics.queue.set(self.inflight)
 
     # ------------------------------------------------------------------ routes
 
@@ -259,9 +172,6 @@ class BloomServer(LLMServer):
         return JSONResponse({"object": "classification", "model": name, **out})
 
     # ------------------------------------------------------------------ generation
-
-    def _timeout(self) -> APIError:
-        return APIError(504, f"generation took longer than {self.opts.request_timeout_s}s", code="timeout")
 
     async def _generate(self, request: Request, schema: type, method: str, default_tokens: int) -> Any:
         start = time.perf_counter()
