@@ -21,6 +21,7 @@ from bloomray.config import Config
 from bloomray.data.corpus import DataError, Rows, read_rows
 from bloomray.data.packing import ArrayBlocks, encode_classification, split_indices
 from bloomray.data.redact import Redactor, placeholders, redacted, redaction_stats
+from bloomray.data.remote import display_uri, is_remote
 from bloomray.data.shards import BlockSource, is_token_dataset
 from bloomray.data.sources import EMBEDDED
 from bloomray.data.tokenizer import configured_tokenizer, load_tokenizer, train_tokenizer
@@ -55,7 +56,8 @@ def prepare_data(
         tokenizer_dir: where to save the tokenizer (the workers and export reload it).
         tokenizer: use this one (a resumed run's own) instead of :func:`configured_tokenizer`.
         data_dir: where causal-LM raw input is prepared into token shards (``OUTPUT/data``;
-            a temp dir when None). A prepared ``data.path`` is read in place.
+            a temp dir when None). A prepared ``data.path`` is read in place (a URI from this
+            node's copy of it, ``data/remote.py``).
 
     Raises:
         DataError: unreadable data, bad rows with ``data.bad_rows=fail``, too little data.
@@ -96,8 +98,8 @@ def _prepare_causal(cfg: Config, tok: PreTrainedTokenizerBase | None, data_dir: 
         )
     index = ds.index
     stats = {
-        "source": d.path or EMBEDDED,
-        "dataset": str(ds.path),
+        "source": display_uri(d.path) if is_remote(d.path) else (d.path or EMBEDDED),
+        "dataset": str(ds.path),  # a URI's copy on this node
         "documents": ds.documents("train") + ds.documents("eval"),
         "bad_rows": index["bad_rows"],
         "train_blocks": len(train),

@@ -47,9 +47,12 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def is_token_dataset(path: str | Path | None) -> bool:
-    """True when ``path`` is a dataset dir written by this module."""
-    if path is None:
-        return False
+    """True when ``path`` is a dataset dir written by this module, or a URI (``s3://`` ...: only a
+    prepared dataset is read from one; :meth:`TokenDataset.open` checks it, ``data/remote.py``)."""
+    from bloomray.data.remote import is_remote  # remote.py imports this module
+
+    if path is None or is_remote(path):
+        return is_remote(path)
     index = Path(path).expanduser() / INDEX
     if not index.is_file():
         return False
@@ -152,17 +155,21 @@ class ShardWriter:
 class TokenDataset:
     """An opened dataset dir (index read and checked; shards mapped lazily by its blocks)."""
 
-    path: Path
+    path: Path  # local: a remote dataset's copy on this node
     index: dict[str, Any] = field(repr=False)
+    source: str | None = None  # the URI it was opened from, for a remote one
 
     @classmethod
     def open(cls, path: str | Path) -> TokenDataset:
-        """Open ``path``, checking that every shard is there with the size the index gives.
+        """Open ``path`` (a URI: this node's copy, ``data/remote.py``), checking that every shard
+        is there with the size the index gives.
 
         Raises:
             DataError: no index, another format or version, a missing or truncated shard.
         """
-        root = Path(path).expanduser().resolve()
+        from bloomray.data.remote import is_remote, local_dataset_dir  # remote.py imports this module
+
+        root = local_dataset_dir(path).resolve()
         try:
             index = json.loads((root / INDEX).read_text())
         except (OSError, ValueError) as exc:
@@ -174,7 +181,7 @@ class TokenDataset:
                 f"{root / INDEX} is format {index.get('format')!r} v{index.get('version')}, not "
                 f"{FORMAT!r} v{VERSION}; prepare it again with `bloomray prepare-data`"
             )
-        ds = cls(root, index)
+        ds = cls(root, index, str(path) if is_remote(path) else None)
         item = np.dtype(index["dtype"]).itemsize
         for split in SPLITS:
             for shard in index["splits"][split]["shards"]:
@@ -205,7 +212,8 @@ class TokenDataset:
 
     def blocks(self, split: str, block_size: int) -> TokenBlocks:
         """The split cut into ``block_size``-token blocks (the tail is dropped)."""
-        return TokenBlocks(self.path, split, block_size, self.tokens(split), self.index["dtype"], self)
+        root = self.source or self.path  # a worker on another node opens its own copy of a URI
+        return TokenBlocks(root, split, block_size, self.tokens(split), self.index["dtype"], self)
 
     def verify(self) -> None:
         """Check every shard's sha256 against the index.
@@ -239,20 +247,20 @@ class BlockSource(Protocol):
 class TokenBlocks:
     """``input_ids`` blocks of one split, read from the memory-mapped shards.
 
-    Pickles as its path and shape only (cheap to send to every worker); the dataset is opened
-    and the shards are mapped on first use in each process.
+    Pickles as its path (or URI) and shape only (cheap to send to every worker); the dataset is
+    opened (a URI copied to the node, once) and the shards are mapped on first use in each process.
     """
 
     def __init__(
         self,
-        root: Path,
+        root: Path | str,
         split: str,
         block_size: int,
         tokens: int,
         dtype: str,
         dataset: TokenDataset | None = None,
     ) -> None:
-        self.root, self.split, self.block_size = Path(root), split, block_size
+        self.root, self.split, self.block_size = root, split, block_size  # root: a path, or a URI
         self.n_tokens, self.dtype = tokens, dtype
         self._dataset = dataset  # ``root`` opened; not pickled: opened once in each process
         self._maps: list[np.memmap] | None = None
@@ -272,9 +280,8 @@ class TokenBlocks:
     def _open(self) -> tuple[list[np.memmap], np.ndarray]:
         if self._maps is None:
             shards = self._index()["splits"][self.split]["shards"]
-            self._maps = [
-                map_for_random_reads(self.root / s["file"], self.dtype) for s in shards if s["tokens"]
-            ]
+            root = self._dataset.path if self._dataset else Path(self.root)  # a URI's copy on this node
+            self._maps = [map_for_random_reads(root / s["file"], self.dtype) for s in shards if s["tokens"]]
             self._starts = np.cumsum([0] + [len(m) for m in self._maps])
         assert self._starts is not None
         return self._maps, self._starts

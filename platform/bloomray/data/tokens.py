@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerBase
 from bloomray.config import Config, ConfigError
 from bloomray.data.ingest import write_dataset
 from bloomray.data.redact import Redactor, placeholders
+from bloomray.data.remote import display_uri, is_remote
 from bloomray.data.shards import DEFAULT_SHARD_TOKENS, TokenDataset, is_token_dataset, token_dtype
 from bloomray.data.sources import EncodeSettings, list_units, redact_arguments, sample_texts
 from bloomray.data.tokenizer import configured_tokenizer, load_tokenizer, require_same_vocab, train_tokenizer
@@ -88,6 +89,11 @@ def prepare_dataset_dir(
             else ("files that are not a prepared dataset; choose another --output")
         )
         raise ConfigError(f"{out} already exists and holds {what}")
+    if is_remote(cfg.data.path):
+        raise ConfigError(
+            f"data.path={display_uri(str(cfg.data.path))}: prepare-data reads local files; copy the "
+            "corpus to a local or shared mount first (a URI is read as a prepared dataset only)"
+        )
     if is_token_dataset(cfg.data.path):
         raise ConfigError(f"data.path={cfg.data.path} is already a prepared dataset; train on it directly")
     tok = configured_tokenizer(cfg)  # a wrong tokenizer stops here, before any worker starts
