@@ -1,8 +1,10 @@
 """The resume contract end to end: a 10-step run extended to 20 steps by ``--resume``.
 
 The resumed run continues the LR schedule where the checkpoint left it (every logged step's
-LR is ``lr_multiplier`` of the recorded segments), keeps the run's tokenizer, and a resume that
-changes a setting the checkpoint depends on stops with a ConfigError before any Ray work.
+LR is ``lr_multiplier`` of the recorded segments), keeps the run's tokenizer, may change the
+worker count (1 → 2: its bf16 ZeRO-2 checkpoint goes through DeepSpeed's universal checkpoint),
+and a resume that changes a setting the checkpoint depends on stops with a ConfigError before
+any Ray work.
 """
 
 from __future__ import annotations
@@ -85,10 +87,8 @@ def extended(tmp_path_factory, ray_local) -> dict[str, Any]:
     [
         ("train.micro_batch_size=4", "micro_batch_size: 8 → 4; resume with train.micro_batch_size=8"),
         ("data.block_size=32", "block_size: 64 → 32; resume with data.block_size=64"),
-        (  # bf16 ZeRO-2 state is partitioned per worker (test_elastic_resume: fp32 ZeRO-0 is not)
-            "scaling.num_workers=2",
-            "world_size: 1 → 2; resume with scaling.num_workers=1: this checkpoint's optimizer state is partitioned",
-        ),
+        # the worker count may change (the resume below), the optimizer's precision may not
+        ("deepspeed.precision=fp32", "precision: bf16 → fp32; resume with deepspeed.precision=bf16"),
     ],
 )
 def test_changed_setting_stops_before_ray(extended, monkeypatch, override: str, expected: str):
@@ -117,9 +117,12 @@ def test_changed_setting_stops_before_ray(extended, monkeypatch, override: str, 
 
 @pytest.fixture(scope="module")
 def resumed(extended) -> dict[str, Any]:
-    """The resume of the 10-step run to 20 steps (after the refused resumes above)."""
+    """The resume of the 10-step run to 20 steps (after the refused resumes above), on 2 workers:
+    the 1-worker bf16 ZeRO-2 checkpoint goes through DeepSpeed's universal checkpoint."""
     out = extended["out"]
-    summary = run_training(resume_config(out, ["train.max_steps=20"]), out, resume=True)
+    summary = run_training(
+        resume_config(out, ["train.max_steps=20", "scaling.num_workers=2"]), out, resume=True
+    )
     return {**extended, "summary": summary}
 
 
@@ -132,6 +135,15 @@ def test_resume_continues_from_step_ten(resumed):
     assert metas[10]["lr_segments"] == [[0, 10]]
     assert metas[20]["lr_segments"] == [[0, 10], [10, 20]]
     assert metas[20]["resume_contract"]["total_steps"] == 20
+
+
+def test_resume_on_two_workers_converted_the_one_worker_checkpoint(resumed):
+    metas = _checkpoint_metas(resumed["out"])
+    assert [metas[s]["resume_contract"]["world_size"] for s in (5, 10, 15, 20)] == [1, 1, 2, 2]
+    saved = metas[10]["resume_contract"]
+    assert (saved["zero_stage"], saved["precision"]) == (2, "bf16")  # partitioned per worker
+    converted = sorted(p.parent.name for p in (resumed["out"] / "checkpoints").glob("checkpoint_*/universal"))
+    assert len(converted) == 1 and converted[0].startswith("checkpoint_000010-")  # only the one resumed from
 
 
 def test_lr_follows_the_recorded_segments_across_the_resume(resumed):

@@ -7,6 +7,7 @@ bottom, next to the cross-section checks that refer to all of them.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Literal
 
@@ -82,7 +83,7 @@ class RedactConfig(_Section):
 
 
 class DataConfig(_Section):
-    path: str | None = None  # file, folder, saved HF dataset dir or hub name; None = embedded
+    path: str | None = None  # file, folder, HF dataset dir or hub name, prepared dir or URI; None = embedded
     eval_path: str | None = None  # separate eval file; None = hold out eval_fraction
     text_column: str = "text"
     label_column: str = "label"
@@ -133,12 +134,40 @@ class DeepSpeedConfig(_Section):
 
 
 class ScalingConfig(_Section):
-    num_workers: int = Field(2, ge=1)
+    # A count, or [min, max]: Ray Train's elastic group starts with as many workers as the
+    # cluster has room for (at least min) and restarts on whatever size it gets back after a
+    # failure; each start resumes the latest checkpoint on its own size (train/universal.py).
+    num_workers: int | tuple[int, int] = 2
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     worker_start_timeout_s: float = Field(120.0, gt=0.0)
     peak_tflops: float | None = Field(None, gt=0.0)  # per worker; None = measure at start
+
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _count_or_range(cls, v: Any) -> Any:
+        if isinstance(v, list | tuple):
+            if len(v) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) for n in v):
+                raise ValueError("a range is [min, max], two worker counts")
+            v = tuple(v)
+        lo, hi = v if isinstance(v, tuple) else (v, v)
+        if isinstance(lo, int) and lo < 1:
+            raise ValueError("must be at least 1: a worker count, or a range [min, max]")
+        if isinstance(v, tuple) and lo > hi:
+            raise ValueError(f"[{lo}, {hi}]: the minimum is above the maximum")
+        return v
+
+    @property
+    def elastic(self) -> bool:
+        """Whether ``num_workers`` is a range ``[min, max]``."""
+        return isinstance(self.num_workers, tuple)
+
+    @property
+    def worker_counts(self) -> range:
+        """Every worker count the run may train on (one, unless ``num_workers`` is a range)."""
+        lo, hi = self.num_workers if isinstance(self.num_workers, tuple) else (self.num_workers,) * 2
+        return range(lo, hi + 1)
 
 
 class OutputConfig(_Section):
@@ -324,8 +353,24 @@ class Config(_Section):
 
     @property
     def grad_accum_steps(self) -> int:
+        """Micro-batches per worker and optimizer step, for a fixed ``scaling.num_workers``."""
+        return self.grad_accum_for(None)
+
+    def grad_accum_for(self, world_size: int | None) -> int:
+        """Micro-batches per worker and optimizer step on ``world_size`` workers (the global
+        batch stays). None: the configured count, which must then be fixed, not a range.
+
+        Raises:
+            ValueError: ``world_size`` is None and ``scaling.num_workers`` is a range.
+        """
         t, s = self.train, self.scaling
-        return t.global_batch_size // (t.micro_batch_size * s.num_workers)
+        if world_size is None:
+            if isinstance(s.num_workers, tuple):
+                raise ValueError(
+                    "scaling.num_workers is a range: the accumulation depends on the actual size"
+                )
+            world_size = s.num_workers
+        return t.global_batch_size // (t.micro_batch_size * world_size)
 
 
 def check_combinations(cfg: Config) -> None:
@@ -335,12 +380,21 @@ def check_combinations(cfg: Config) -> None:
         ValueError: naming the keys involved and a setting that works.
     """
     t, ds, s = cfg.train, cfg.deepspeed, cfg.scaling
-    per_step = t.micro_batch_size * s.num_workers
-    if t.global_batch_size % per_step:
+    bad = [n for n in s.worker_counts if t.global_batch_size % (t.micro_batch_size * n)]
+    if bad and not s.elastic:
+        per_step = t.micro_batch_size * bad[0]
         raise ValueError(
             f"train.global_batch_size={t.global_batch_size} is not divisible by "
             f"train.micro_batch_size * scaling.num_workers = {t.micro_batch_size} * "
-            f"{s.num_workers} = {per_step}; pick a multiple of {per_step}"
+            f"{bad[0]} = {per_step}; pick a multiple of {per_step}"
+        )
+    if bad:
+        lcm = math.lcm(*(t.micro_batch_size * n for n in s.worker_counts))
+        raise ValueError(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by "
+            f"train.micro_batch_size * workers = {t.micro_batch_size} * n for n = {bad} of "
+            f"scaling.num_workers=[{s.worker_counts[0]}, {s.worker_counts[-1]}]; every size in the range "
+            f"must split the global batch: narrow the range, or pick a multiple of {lcm}"
         )
     if t.max_steps is None and t.epochs is None:
         raise ValueError("set train.max_steps or train.epochs")

@@ -3,7 +3,8 @@
 A checkpoint directory is self-contained: DeepSpeed's files (tag ``ds``), ``bloomray.json``
 (step, task, model config, final metrics), the step hooks' state (``hooks.safetensors`` and
 ``hooks.json``: no pickle, see ``hook_state.py``) and the tokenizer, so export needs nothing
-else. Loading one on resume, with fallback past a corrupt newest one, is ``restore.py``.
+else. Loading one on resume, with fallback past a corrupt newest one, is ``restore.py``; on
+another number of workers, through DeepSpeed's universal checkpoint, ``universal.py``.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def write_checkpoint(
         meta, tokenizer_files, probe, hook_states: rank 0's extras (None elsewhere).
     """
     d = Path(directory)
-    engine.save_checkpoint(str(d), tag=DS_TAG, client_state={"step": step})
+    engine.save_checkpoint(str(d), tag=DS_TAG, client_state=ds_client_state(step))
     if meta is not None:
         (d / META_FILE).write_text(json.dumps({**meta, "step": step, "metrics": metrics}, indent=2))
     if tokenizer_files:
@@ -118,6 +119,23 @@ def write_checkpoint(
         from bloomray.train.hook_state import save_hook_states  # it imports this module
 
         save_hook_states(d, hook_states)
+
+
+def ds_client_state(step: int) -> dict[str, Any]:
+    """What bloomray keeps in DeepSpeed's checkpoint: the step, and the ``universal_checkpoint_info``
+    that DeepSpeed's universal conversion (``ds_to_universal.py``) requires of a checkpoint, so
+    that it resumes on another number of workers (``universal.py``). Without tensor or pipeline
+    parallelism that info is only the format version."""
+    from deepspeed.checkpoint.constants import (
+        UNIVERSAL_CHECKPOINT_INFO,
+        UNIVERSAL_CHECKPOINT_VERSION_KEY,
+        UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+    )
+
+    return {
+        "step": step,
+        UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE},
+    }
 
 
 def load_deepspeed_file(path: Path) -> Any:

@@ -69,7 +69,8 @@ def positions(task: str, batch: dict[str, torch.Tensor]) -> tuple[slice | None, 
 class Distiller:
     """The frozen teacher and the running KL average (the ``distill_kl`` metric, all ranks)."""
 
-    def __init__(self, cfg: Config, device: torch.device) -> None:
+    def __init__(self, cfg: Config, device: torch.device, world_size: int | None = None) -> None:
+        """``world_size``: the workers training now (None: the fixed ``scaling.num_workers``)."""
         from bloomray.model.build import load_pretrained
 
         d = cfg.prune.distill
@@ -78,7 +79,7 @@ class Distiller:
         teacher = load_pretrained(cfg.task, d.teacher or cfg.model.path, dtype=dtype)
         teacher.requires_grad_(False).eval()
         if cfg.deepspeed.zero_stage == 3:
-            self.teacher = _zero3_inference(teacher, cfg)
+            self.teacher = _zero3_inference(teacher, cfg, world_size)
         else:
             self.teacher = teacher.to(device)
         self.device = device
@@ -107,14 +108,14 @@ class Distiller:
         return {"distill_kl": float(total[0] / total[1])} if total[1] else {}
 
 
-def _zero3_inference(teacher: torch.nn.Module, cfg: Config) -> Any:
+def _zero3_inference(teacher: torch.nn.Module, cfg: Config, world_size: int | None) -> Any:
     """The teacher as a ZeRO-3 inference engine: its parameters partitioned over the ranks."""
     import deepspeed
 
     t = cfg.train
     ds_config = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": cfg.grad_accum_steps,
+        "gradient_accumulation_steps": cfg.grad_accum_for(world_size),
         "train_batch_size": t.global_batch_size,
         "bf16": {"enabled": cfg.deepspeed.precision == "bf16"},
         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},

@@ -23,7 +23,9 @@ ZERO3_SUB_GROUP = 100_000_000
 MIN_BUCKET = 10_000_000
 
 
-def deepspeed_config(cfg: Config, hidden_size: int | None = None) -> dict[str, Any]:
+def deepspeed_config(
+    cfg: Config, hidden_size: int | None = None, world_size: int | None = None
+) -> dict[str, Any]:
     """The DeepSpeed JSON config for ``cfg`` (batch sizes, precision, ZeRO, clipping).
 
     Args:
@@ -32,6 +34,8 @@ def deepspeed_config(cfg: Config, hidden_size: int | None = None) -> dict[str, A
             at least 1e7 so small models do not pay one collective per few thousand weights),
             instead of DeepSpeed's 5e8-element defaults, whose gradient bucket alone is 1 GB in
             bf16 on every rank whatever the model size.
+        world_size: the workers training now, which set the gradient accumulation (the global
+            batch stays); None: ``scaling.num_workers``, a fixed count.
     """
     ds, t = cfg.deepspeed, cfg.train
     zero: dict[str, Any] = {"stage": ds.zero_stage, "contiguous_gradients": True}
@@ -55,7 +59,7 @@ def deepspeed_config(cfg: Config, hidden_size: int | None = None) -> dict[str, A
     return {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": cfg.grad_accum_steps,
+        "gradient_accumulation_steps": cfg.grad_accum_for(world_size),
         "gradient_clipping": t.grad_clip,
         "bf16": {"enabled": ds.precision == "bf16"},
         "fp16": {"enabled": ds.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
@@ -182,9 +186,14 @@ def build_scheduler(
 
 
 def build_engine(
-    cfg: Config, model_config: dict[str, Any], total_steps: int, lr_segments: list[list[int]] | None = None
+    cfg: Config,
+    model_config: dict[str, Any],
+    total_steps: int,
+    lr_segments: list[list[int]] | None = None,
+    world_size: int | None = None,
 ) -> tuple[Any, torch.nn.Module]:
-    """``deepspeed.initialize`` on the configured model, optimizer and scheduler.
+    """``deepspeed.initialize`` on the configured model, optimizer and scheduler, for
+    ``world_size`` workers (None: the fixed ``scaling.num_workers``).
 
     Returns:
         (engine, model): the engine, and the underlying module (for hooks and probes).
@@ -199,7 +208,7 @@ def build_engine(
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, model_config["hidden_size"]),
+        config=deepspeed_config(cfg, model_config["hidden_size"], world_size),
     )
     if cfg.train.compile:
         # In place (nn.Module.compile): parameter names, checkpoints and hooks are unchanged;

@@ -70,9 +70,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     total = plan.total_steps
 
-    engine, model = build_engine(cfg, plan.model_config, total, plan.lr_segments)
+    ga = cfg.grad_accum_for(world)  # the global batch stays, whatever size the group started with
+    engine, model = build_engine(cfg, plan.model_config, total, plan.lr_segments, world)
     hooks = build_hooks(cfg, engine, model, total)
-    distiller = Distiller(cfg, device) if cfg.prune.distill.enabled else None
+    distiller = Distiller(cfg, device, world) if cfg.prune.distill.enabled else None
     t_restore = time.perf_counter()
     restored = restore_latest(engine, device=device)
     step = restored.step
@@ -80,7 +81,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     for hook, state in zip(hooks, restored.hook_states, strict=False):
         hook.load_state_dict(state)
     mb = cfg.train.micro_batch_size
-    batches = ShardedBatches(plan.train_source(), rank, world, mb, cfg.grad_accum_steps, cfg.train.seed)
+    batches = ShardedBatches(plan.train_source(), rank, world, mb, ga, cfg.train.seed)
     evals = eval_batches(plan.eval_source(), rank, world, mb, cfg.train.eval_max_batches)
     flops_tok, peak = _flop_budget(cfg, engine, model, plan.model_config, device)
     sinks = _sinks(plan, rank, step)
@@ -90,9 +91,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # This attempt's restore time and its earlier saves' times (a save's own time is only
     # known after it is written, so each checkpoint records the ones before it).
     timings: dict[str, Any] = {"restore_s": restore_s if step else None, "save_s": []}
-    meta = {**plan.checkpoint_meta, "restarts": restored.restarts, "timings": timings} if is_rank0 else None
+    meta = _checkpoint_meta(plan, restored.restarts, timings, world) if is_rank0 else None
     tok_files = ray.get(plan.tokenizer_files) if is_rank0 else None
-    ga = cfg.grad_accum_steps
     # The loss sum stays on the device: one host sync per log step, not one per micro-batch.
     loss_sum, n_loss, tokens, t0 = torch.zeros((), device=device), 0, 0, time.perf_counter()
     metrics: dict[str, Any] = {}
@@ -179,6 +179,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         sinks.close()
     if audit is not None:
         audit.close()
+
+
+def _checkpoint_meta(
+    plan: WorkerPlan, restarts: list[int], timings: dict[str, Any], world: int
+) -> dict[str, Any]:
+    """Rank 0's part of this attempt's checkpoints: the run's, with the worker count it trains
+    on now in the resume contract (with ``scaling.num_workers=[min, max]`` the driver cannot know it)."""
+    contract = {**plan.checkpoint_meta["resume_contract"], "world_size": world}
+    return {**plan.checkpoint_meta, "resume_contract": contract, "restarts": restarts, "timings": timings}
 
 
 def _sample_log(log_dir: Path, rank: int, tag: str) -> Any:

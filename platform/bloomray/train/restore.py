@@ -2,7 +2,9 @@
 
 A corrupt newest checkpoint (truncated DeepSpeed file, missing ``bloomray.json``, unreadable
 hook state) is skipped with a warning naming it, and the older ones beside it are tried
-newest first. Every rank votes on every candidate, so all ranks load the same one.
+newest first. Every rank votes on every candidate, so all ranks load the same one. A candidate
+whose optimizer state is partitioned for another number of workers is converted to DeepSpeed's
+universal checkpoint first and loaded from there (``universal.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from bloomray.train.checkpoint import (
 )
 from bloomray.train.collectives import all_reduce_sum
 from bloomray.train.hook_state import load_hook_states
+from bloomray.train.universal import convert_on_every_node, load_universal, needs_universal
 
 log = logging.getLogger(__name__)
 
@@ -230,27 +233,35 @@ def _try_candidate(
     """Load one candidate on every rank, or on none: (what it held, "") or (None, why).
 
     Two votes keep ranks in lockstep. The first follows the local checks (download, files,
-    hook state), so a damaged file stops every rank before DeepSpeed's load, which can run
-    collectives a failing rank would never join. The second follows the load itself.
+    hook state, whether the universal conversion is needed), so a damaged file stops every rank
+    before DeepSpeed's load, which can run collectives a failing rank would never join. The
+    second follows the load itself; a conversion adds two in between
+    (``universal.convert_on_every_node``).
     """
     key = ref.step if ref.step is not None else -1
     with contextlib.ExitStack() as stack:
         meta: dict[str, Any] = {}
         hooks: list[dict[str, Any]] = []
         d: Path | str = ""
+        universal = False
         try:
             d = stack.enter_context(local_checkpoint_dir(ray.train.Checkpoint(ref.path, filesystem=fs)))
             meta = validate_checkpoint_dir(d)
             hooks = load_hook_states(d, device)
+            universal = needs_universal(Path(d) / DS_TAG, engine.dp_world_size)
             error = ""
         except Exception as e:  # noqa: BLE001 - any local failure is voted on, never raised alone
             error = _reason(e)
-        verdict = _vote(error, key, device)
+        verdict = _vote(error, key, device, universal)
+        if not verdict and universal:
+            verdict = convert_on_every_node(engine, d, lambda err: _vote(err, key, device))
         if verdict:
             return None, verdict
         client_state = None
         try:
-            _, client_state = engine.load_checkpoint(d, tag=DS_TAG)
+            _, client_state = (
+                load_universal(engine, d) if universal else engine.load_checkpoint(d, tag=DS_TAG)
+            )
             if client_state is None:
                 error = "DeepSpeed found no checkpoint to load"
         except Exception as e:  # noqa: BLE001 - as above: the other ranks must hear of it
@@ -262,21 +273,25 @@ def _try_candidate(
     return Restored(step, [*meta.get("restarts", []), step], hooks, meta), ""
 
 
-def _vote(error: str, key: int, device: torch.device) -> str:
+def _vote(error: str, key: int, device: torch.device, universal: bool = False) -> str:
     """All ranks' verdict on a candidate: "" when every rank succeeded on the same one, else why not.
 
-    One all-reduce of (failed, 1, key, key^2): ``n * sum(key^2) == sum(key)^2`` holds exactly
-    when every rank's key (the candidate's step) is the same, so ranks whose listings of the
-    storage differ never load different checkpoints. Whether the verdict is empty depends on
-    the summed values only, so it is the same on every rank (the reason given may differ).
+    One all-reduce of (failed, 1, key, key^2, universal): ``n * sum(key^2) == sum(key)^2``
+    holds exactly when every rank's key (the candidate's step) is the same, so ranks whose
+    listings of the storage differ never load different checkpoints; ``universal`` (whether
+    the rank's copy needs the conversion) must agree too, or the ranks would run different
+    collectives. Whether the verdict is empty depends on the summed values only, so it is the
+    same on every rank (the reason given may differ).
     """
     k = float(key)
-    t = torch.tensor([float(bool(error)), 1.0, k, k * k], dtype=torch.float64)
-    failed, n, total, squares = all_reduce_sum(t, device).tolist()
+    t = torch.tensor([float(bool(error)), 1.0, k, k * k, float(universal)], dtype=torch.float64)
+    failed, n, total, squares, universals = all_reduce_sum(t, device).tolist()
     if failed:
         return error or f"{int(failed)} other rank(s) failed to load it"
     if n * squares != total * total:
         return "the ranks disagree on which checkpoint this is (their views of the storage differ)"
+    if universals not in (0.0, n):
+        return "the ranks' copies disagree on the worker count its optimizer state was saved for"
     return ""
 
 

@@ -5,7 +5,10 @@ the run it continues. The :class:`ResumeContract` holds everything that decides 
 size, batch sizes, seeds, a fingerprint of the packed data, a hash of the tokenizer files);
 :func:`check_resume` compares the checkpoint's contract with the new run's and stops with a
 message that names each change and how to proceed. ``total_steps`` may grow: the LR schedule
-then continues from the checkpoint's LR (see ``train/schedule.py``).
+then continues from the checkpoint's LR (see ``train/schedule.py``). ``world_size`` may change
+(:data:`FREE_FIELDS`): the batches of a step do not depend on the worker count
+(``batches.ShardedBatches``), and an optimizer state partitioned for the old count is converted
+to DeepSpeed's universal checkpoint on the workers before it loads (``universal.py``).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from bloomray.train.checkpoint import META_FILE
 
 @dataclass(frozen=True)
 class ResumeContract:
-    """The settings a checkpoint can only be continued with (``total_steps`` excepted)."""
+    """What a checkpoint was made with; a resume keeps all but :data:`FREE_FIELDS`."""
 
     world_size: int
     block_size: int
@@ -46,12 +49,13 @@ class ResumeContract:
         return cls(**{f.name: d.get(f.name) for f in dataclasses.fields(cls)})
 
 
+# The fields a resume may change: the step budget, and the number of workers (any ZeRO stage and
+# precision: the same global batch is split over the new count, a partitioned optimizer state
+# goes through DeepSpeed's universal checkpoint).
+FREE_FIELDS = ("total_steps", "world_size")
+
 # How to proceed when a setting changed, per field.
 _ADVICE = {
-    "world_size": "resume with scaling.num_workers={old}: this checkpoint's optimizer state is "
-    "partitioned over its workers (ZeRO-1/2/3, or bf16/fp16 master weights), and converting it to "
-    "DeepSpeed's universal checkpoint is not supported yet. Runs with deepspeed.zero_stage=0 and "
-    "deepspeed.precision=fp32 resume on any worker count with the same train.global_batch_size",
     "zero_stage": "resume with deepspeed.zero_stage={old}",
     "precision": "resume with deepspeed.precision={old}",
     "block_size": "resume with data.block_size={old}",
@@ -64,13 +68,6 @@ _ADVICE = {
     "tokenizer_hash": "the tokenizer differs from the run's saved OUTPUT/tokenizer; resume without "
     "data.tokenizer changes",
 }
-
-
-def elastic(contract: ResumeContract) -> bool:
-    """Whether a checkpoint resumes on another number of workers: its optimizer state is whole
-    (ZeRO stage 0 in fp32 keeps one unpartitioned copy) and the batches of a step do not depend
-    on the worker count (``batches.ShardedBatches``); the global batch must stay the same."""
-    return contract.zero_stage == 0 and contract.precision == "fp32"
 
 
 def fingerprint_sources(train: BlockSource, eval_: BlockSource) -> str:
@@ -113,11 +110,12 @@ def check_resume(saved: dict[str, Any], new: ResumeContract, step: int) -> None:
     old = ResumeContract.from_dict(saved)
     problems = []
     for f in dataclasses.fields(ResumeContract):
-        if f.name == "total_steps" or (f.name == "world_size" and elastic(old)):
+        if f.name in FREE_FIELDS:
             continue
         a, b = getattr(old, f.name), getattr(new, f.name)
         if a is not None and a != b:
-            shown = (f"{a[:12]}… → {b[:12]}…") if isinstance(a, str) else f"{a} → {b}"
+            long = isinstance(a, str) and len(a) > 12  # hashes: their first digits tell them apart
+            shown = f"{a[:12]}… → {str(b)[:12]}…" if long else f"{a} → {b}"
             problems.append(f"{f.name}: {shown}; {_ADVICE[f.name].format(old=a)}")
     if new.total_steps < step:
         problems.append(

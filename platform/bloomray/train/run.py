@@ -116,20 +116,19 @@ def plan_run(cfg: Config, out: Path, data: PreparedData, tokenizer_dir: Path) ->
         ConfigError: too little eval data, or settings a resume cannot change.
     """
     n_train = len(data.train)
-    per_epoch = steps_per_epoch(
-        n_train, cfg.scaling.num_workers, cfg.train.micro_batch_size, cfg.grad_accum_steps
-    )
+    most = cfg.scaling.worker_counts[-1]  # a step's samples are the same on any count
+    per_epoch = steps_per_epoch(n_train, most, cfg.train.micro_batch_size, cfg.grad_accum_for(most))
     total = total_steps(cfg.train.max_steps, cfg.train.epochs, per_epoch)
     model_config = resolve_model_config(
         cfg.task, cfg.model.preset, cfg.model.path, data.tokenizer, data.id2label, cfg.model.vocab_size
     )
-    if len(data.eval) < cfg.scaling.num_workers:
+    if len(data.eval) < most:
         raise ConfigError(
-            f"{len(data.eval)} eval examples for {cfg.scaling.num_workers} workers; "
+            f"{len(data.eval)} eval examples for {most} workers; "
             "raise data.eval_fraction or give data.eval_path"
         )
     contract = ResumeContract(
-        world_size=cfg.scaling.num_workers,
+        world_size=most,  # the workers record the count they train on (loop._checkpoint_meta)
         block_size=cfg.data.block_size,
         micro_batch_size=cfg.train.micro_batch_size,
         global_batch_size=cfg.train.global_batch_size,
@@ -155,28 +154,35 @@ def build_trainer(
 
     With ``output.storage_path`` (shared or cloud storage on a cluster) they live in
     ``storage_path/<output dir name>`` instead. Each one Ray registers is listed in
-    ``OUTPUT/logs/checkpoints.json`` (``progress.py``).
+    ``OUTPUT/logs/checkpoints.json`` (``progress.py``). With ``scaling.num_workers=[min, max]``
+    the group is elastic: it starts, and restarts after a failure, on as many workers as fit
+    (at least min), each start resuming the latest checkpoint on that count.
     """
     storage, name = checkpoint_location(cfg, out)
-    s = cfg.scaling
-    resources = {"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=as_loop_config(worker_plan),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=s.num_workers,
-            use_gpu=s.use_gpu,
-            resources_per_worker=resources,
-            placement_strategy=s.placement_strategy,
-        ),
+        scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-            worker_runtime_env={"env_vars": worker_env(s.use_gpu)},
+            worker_runtime_env={"env_vars": worker_env(cfg.scaling.use_gpu)},
             callbacks=[CheckpointIndex(index_path(out)), *(callbacks or [])],
         ),
+    )
+
+
+def scaling_config(cfg: Config) -> ray.train.ScalingConfig:
+    """Ray Train's workers for ``cfg``: a fixed count, or with ``scaling.num_workers=[min, max]``
+    a ``(min, max)`` tuple, Ray Train's elastic group (it sizes each start by the cluster)."""
+    s = cfg.scaling
+    return ray.train.ScalingConfig(
+        num_workers=s.num_workers,
+        use_gpu=s.use_gpu,
+        resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})},
+        placement_strategy=s.placement_strategy,
     )
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import socket
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -165,25 +164,7 @@ def test_checkpoint_candidates_lists_siblings_on_a_pyarrow_filesystem(tmp_path: 
 
 
 # ---------------------------------------------------------------------- real DeepSpeed engines
-
-
-@pytest.fixture(scope="module")
-def dist_group():
-    """A one-rank gloo process group in this process, as Ray Train gives each worker."""
-    import deepspeed.comm
-    import torch.distributed as dist
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
-            mp.setenv(k, v)
-        dist.init_process_group("gloo", rank=0, world_size=1)
-        yield
-        dist.destroy_process_group()
-        deepspeed.comm.comm.cdb = None  # so a later test may initialise DeepSpeed again
+# (``dist_group``: conftest.py)
 
 
 def _cfg(seed: int, taylor: bool, extra: list[str]):
@@ -349,7 +330,7 @@ def _restore_with_fake_peer(monkeypatch, run: Path, peer: list[torch.Tensor]):
 
 
 def _peer(failed: float, step: float) -> torch.Tensor:
-    return torch.tensor([failed, 1.0, step, step * step], dtype=torch.float64)
+    return torch.tensor([failed, 1.0, step, step * step, 0.0], dtype=torch.float64)  # 0: no conversion
 
 
 def test_every_rank_moves_on_when_another_rank_fails(two_checkpoints, monkeypatch, caplog):
