@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from bloomray.data.corpus import SUFFIXES, DataError, Rows, embedded_documents, iter_file_rows
+from bloomray.data.jsonl import jsonl_texts
 from bloomray.data.redact import Redactor
 
 HF_UNIT_ROWS = 100_000
@@ -97,8 +98,16 @@ def texts_of(unit: Unit, text_column: str, rows: Rows, bad_rows: str) -> Iterato
                 row.get(text_column), f"{unit.source} row {unit.start + i}", text_column, rows, bad_rows
             )
         return
-    for where, row in iter_file_rows(Path(unit.source), text_column, bad_rows, rows):
-        yield from _checked(row.get(text_column), where, text_column, rows, bad_rows)
+    path = Path(unit.source)
+
+    def python_path() -> Iterator[str]:
+        for where, row in iter_file_rows(path, text_column, bad_rows, rows):
+            yield from _checked(row.get(text_column), where, text_column, rows, bad_rows)
+
+    if path.suffix.lower() in (".jsonl", ".json"):  # Arrow's reader while the lines are regular
+        yield from jsonl_texts(path, text_column, python_path)
+    else:
+        yield from python_path()
 
 
 def sample_texts(units: list[Unit], s: EncodeSettings, limit: int | None) -> list[str]:
