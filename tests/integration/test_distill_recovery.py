@@ -2,7 +2,8 @@
 (``model.path``), is pruned to 50% and trains against the frozen dense teacher. The KL to the
 teacher falls as it recovers, and the masks hold: magnitude pruning after the first step under
 ZeRO-2; Wanda (2:4) under ZeRO-0 and SparseGPT under ZeRO-3 (where the teacher is a partitioned
-ZeRO-3 inference engine) as the initial masks, one-shot on calibration data before step 1."""
+ZeRO-3 inference engine) as the initial masks, one-shot on calibration data before step 1.
+Under ZeRO-2/3 the optimizer's fp32 masters hold the zeros too."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from serve_helpers import make_model_dirs
 from tb_helpers import scalars
 
 from bloomray.config import load_config
+from bloomray.export.consolidate import consolidated_state_dict
 from bloomray.export.load import load_model
 from bloomray.export.run import run_training
 from bloomray.prune.masks import target_names
@@ -99,6 +101,9 @@ def test_distillation_recovers_toward_the_teacher_and_masks_hold(teacher, tmp_pa
     assert first > (1e-3 if stage == 2 else 2e-4) and last < 0.7 * first, kd
     model = load_model(summary["model_dir"])
     params = dict(model.named_parameters())
+    # ZeRO-2/3: the optimizer's fp32 masters themselves (what a resume continues from) keep the
+    # zeros, not only the exported weights (ZeRO-0's bf16 masters: test_prune_train).
+    masters = consolidated_state_dict(Path(summary["checkpoint"])) if stage else None
     initial = None
     if stage != 2:  # the one-shot initial model: pruned at 0.5, and every zero of it still zero
         facts = json.loads((tmp_path / "run" / "oneshot" / "oneshot.json").read_text())
@@ -107,6 +112,10 @@ def test_distillation_recovers_toward_the_teacher_and_masks_hold(teacher, tmp_pa
     for name in target_names(model, TARGETS):
         zeros = (params[name] == 0).float().mean().item()
         assert zeros == pytest.approx(0.5, abs=1e-3), name
+        if masters is not None:
+            assert torch.equal(masters[name] == 0, params[name] == 0), (
+                f"{name}: the optimizer revived weights"
+            )
         if initial is not None:
             assert bool((params[name][initial[name] == 0] == 0).all()), (
                 f"{name}: a one-shot pruned weight came back"

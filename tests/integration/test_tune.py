@@ -189,7 +189,7 @@ def test_two_objective_nsga2_search_writes_its_pareto_front_and_winner(tmp_path,
             "tune.scheduler=fifo",
             "tune.objectives=[eval_loss, size_mb]",
             "tune.num_samples=3",
-            "tune.max_concurrent_trials=2",
+            "tune.max_concurrent_trials=3",  # all at once: the trials' start-ups overlap
             "tune.space={train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-2}, "
             "prune.final_sparsity: {type: uniform, low: 0.2, high: 0.7}}",
         ],

@@ -18,13 +18,14 @@ from bloomray.serving.ingress import INGRESS_OPTIONS, BloomServer
 from bloomray.serving.options import ServeOptions
 
 
-def build_app(args: dict[str, Any]) -> serve.Application:
+def build_app(args: dict[str, Any], env_vars: dict[str, str] | None = None) -> serve.Application:
     """Serve application builder.
 
     Args (a Serve config's ``args`` or the CLI): ``models`` ({name: dir}, or a JSON string of
     it) or ``model_dir``; the rest are :class:`ServeOptions` fields. An ``ingress_deployment``
     dict sets the Serve options of a separate ingress, which only an app without a causal LM
-    has; its ``ray_actor_options.runtime_env.env_vars`` reach the ingress either way.
+    has. ``env_vars`` (``bloomray serve``: the key file) go to whichever replica answers HTTP;
+    under ``serve run`` / a RayService they come from the application's runtime_env.
 
     Raises:
         ConfigError: no models, a dir that is not a servable model, or an unknown option.
@@ -51,7 +52,10 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     engines = {name: llm_deployment(name, metas[name], opts) for name in lms[1:]}
     bind = {"engines": engines, "classifiers": classifiers, "models": info, "options": args}
     if lms:  # the first causal LM's engine answers HTTP: one hop less for every streamed token
-        env = ((ingress_options.get("ray_actor_options") or {}).get("runtime_env") or {}).get("env_vars")
-        return llm_deployment(lms[0], metas[lms[0]], opts, BloomServer, bind, env)
+        return llm_deployment(lms[0], metas[lms[0]], opts, BloomServer, bind, env_vars)
+    if env_vars:
+        actor = dict(ingress_options.get("ray_actor_options") or {})
+        actor["runtime_env"] = {**(actor.get("runtime_env") or {}), "env_vars": dict(env_vars)}
+        ingress_options["ray_actor_options"] = actor
     ingress = serve.deployment(BloomServer, **{**INGRESS_OPTIONS, **ingress_options})
     return ingress.bind(None, **bind)

@@ -95,19 +95,12 @@ class BloomServer(RequestChecks, LLMServer):
         else:  # no engine in this replica: LLMServer's health check and hooks pass, nothing runs
             self._llm_config, self.engine = None, None
 
-    def _open(self, name: str, method: str, engine_req: Any) -> Any:
-        """The engine call for model ``name``: an awaitable of a stream with ``cancel()``."""
+    async def _open(self, name: str, method: str, engine_req: Any) -> Any:
+        """The engine call for model ``name``: a stream with ``cancel()`` (this replica's own
+        engine, or another deployment's by handle)."""
         if name == self.local:
-
-            async def local() -> LocalStream:
-                return LocalStream(await getattr(LLMServer, method)(self, engine_req, None))
-
-            return local()
-
-        async def remote() -> Any:
-            return getattr(self.engines[name], method).remote(engine_req, None)
-
-        return remote()
+            return LocalStream(await getattr(LLMServer, method)(self, engine_req, None))
+        return getattr(self.engines[name], method).remote(engine_req, None)
 
     # ------------------------------------------------------------------ routes
 

@@ -86,12 +86,9 @@ def start_server(
     if models:
         args["models"] = models
     args.update(overrides or {})
-    ingress = dict(args.pop("ingress_deployment", None) or {})
-    actor = dict(ingress.get("ray_actor_options") or {})
-    actor["runtime_env"] = {"env_vars": {ENV_FILE: key_file(), "TOKENIZERS_PARALLELISM": "false"}}
-    ingress["ray_actor_options"] = actor
+    env = {ENV_FILE: key_file(), "TOKENIZERS_PARALLELISM": "false"}
     init_ray(address)
-    app = build_app({**args, "ingress_deployment": ingress})  # checks every model dir first
+    app = build_app(args, env_vars=env)  # checks every model dir first
     http_port = port or int(http.get("port", 8000))
     serve.start(
         http_options={
