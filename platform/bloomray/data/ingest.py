@@ -5,13 +5,15 @@ embedded corpus). :func:`encode_unit` streams one unit in chunks of documents (m
 at one chunk), redacts, tokenizes with the fast tokenizer, appends EOS and assigns each
 document to ``train`` or ``eval`` by a hash of its text (so adding files never moves a
 document across the split). Units run either in this process (``workers=0``: small inputs a
-run prepares on the fly) or in parallel as a Ray Data ``map_batches`` over an actor pool;
-Ray Data keeps the order, and the driver writes the shards in unit order, so the bytes are
-the same for any number of workers.
+run prepares on the fly) or in parallel as Ray Data ``map_batches`` tasks (at most
+``workers`` at once; each Ray worker process loads the tokenizer once); Ray Data keeps the
+order, and the driver writes the shards in unit order, so the bytes are the same for any
+number of workers.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -28,7 +30,7 @@ from transformers import PreTrainedTokenizerBase
 
 from bloomray.data.corpus import DataError, Rows
 from bloomray.data.redact import Redactor, redaction_stats
-from bloomray.data.shards import DEFAULT_SHARD_TOKENS, ShardWriter, TokenDataset
+from bloomray.data.shards import DEFAULT_SHARD_TOKENS, ShardWriter, TokenDataset, token_dtype
 from bloomray.data.sources import EncodeSettings, Unit, texts_of
 from bloomray.files import atomic_dir, hash_dir
 
@@ -122,46 +124,52 @@ def encode_unit(unit: Unit, tok: PreTrainedTokenizerBase, s: EncodeSettings) -> 
             return
 
 
-class _Encoder:
-    """The Ray Data actor: loads the tokenizer once, encodes one unit per call."""
+@functools.lru_cache(maxsize=2)
+def _worker_tokenizer(tokenizer_dir: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of a Ray worker process, loaded once per process (Ray reuses the process
+    for later tasks, so a unit costs no start-up once the first is done)."""
+    from bloomray.data.tokenizer import load_tokenizer
 
-    def __init__(self, settings: EncodeSettings) -> None:
-        from bloomray.data.tokenizer import load_tokenizer
-
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one actor per CPU already
-        self.s = settings
-        self.tok = load_tokenizer(settings.tokenizer_dir)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-        for i, unit_json in enumerate(batch["unit"]):
-            for c in encode_unit(Unit(**json.loads(unit_json)), self.tok, self.s):
-                yield {
-                    "order": np.array([int(batch["order"][i])]),
-                    "tokens": np.array([c["tokens"].astype("<i8").tobytes()], dtype=object),
-                    "lengths": np.array([c["lengths"].astype("<i8").tobytes()], dtype=object),
-                    "eval": np.array([c["eval"].tobytes()], dtype=object),
-                    "meta": np.array([json.dumps(c["meta"])], dtype=object),
-                }
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one task per CPU already
+    return load_tokenizer(tokenizer_dir)
 
 
-def _ray_chunks(units: list[Unit], settings: EncodeSettings, workers: int) -> Iterator[dict[str, Any]]:
+def _encode_units(batch: dict[str, np.ndarray], settings: EncodeSettings) -> Iterator[dict[str, np.ndarray]]:
+    """The Ray Data task: encodes its units, one output row per chunk, tokens in the shards' dtype."""
+    tok = _worker_tokenizer(settings.tokenizer_dir)
+    dtype = token_dtype(len(tok))
+    for i, unit_json in enumerate(batch["unit"]):
+        for c in encode_unit(Unit(**json.loads(unit_json)), tok, settings):
+            yield {
+                "order": np.array([int(batch["order"][i])]),
+                "tokens": np.array([c["tokens"].astype(dtype).tobytes()], dtype=object),
+                "lengths": np.array([c["lengths"].astype("<i8").tobytes()], dtype=object),
+                "eval": np.array([c["eval"].tobytes()], dtype=object),
+                "meta": np.array([json.dumps(c["meta"])], dtype=object),
+            }
+
+
+def _ray_chunks(
+    units: list[Unit], settings: EncodeSettings, workers: int, dtype: np.dtype
+) -> Iterator[dict[str, Any]]:
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # the shards' order must not depend on timing
     ctx.enable_progress_bars = False
+    # A block per chunk or two (~0.1-1 MB), not per unit: the driver writes while tasks encode.
+    ctx.target_max_block_size = 1 << 20
     items = [{"order": i, "unit": json.dumps(u.__dict__)} for i, u in enumerate(units)]
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        _Encoder,
-        fn_constructor_kwargs={"settings": settings},
-        batch_size=1,
-        # one unit at a time per actor: else the first actor up queues several and the rest idle
-        compute=ray.data.ActorPoolStrategy(size=min(workers, len(units)), max_tasks_in_flight_per_actor=1),
+        _encode_units,
+        fn_kwargs={"settings": settings},
+        batch_size=1,  # one unit per call, at most ``workers`` at a time
+        compute=ray.data.TaskPoolStrategy(size=min(workers, len(units))),
         num_cpus=1,
     )
     for row in ds.iter_rows():
         yield {
-            "tokens": np.frombuffer(row["tokens"], dtype="<i8"),
+            "tokens": np.frombuffer(row["tokens"], dtype=dtype),
             "lengths": np.frombuffer(row["lengths"], dtype="<i8"),
             "eval": np.frombuffer(row["eval"], dtype=bool),
             "meta": json.loads(row["meta"]),
@@ -195,7 +203,8 @@ def write_dataset(
     Raises:
         DataError: bad rows with ``data.bad_rows=fail``, no document at all.
     """
-    chunks = _ray_chunks(units, settings, workers) if workers else _local_chunks(units, settings, tok)
+    dtype = token_dtype(len(tok))
+    chunks = _ray_chunks(units, settings, workers, dtype) if workers else _local_chunks(units, settings, tok)
     t0 = last = time.perf_counter()
     with atomic_dir(out) as tmp:
         tok.save_pretrained(str(tmp / "tokenizer"))
