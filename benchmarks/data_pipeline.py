@@ -2,7 +2,7 @@
 
 The data pipeline of issue 9, measured in one run on this box:
 
-  (1) tokenization: ``bloomray prepare-data``'s Ray Data pipeline (one tokenizer actor per
+  (1) tokenization: ``bloomray prepare-data``'s Ray Data pipeline (one tokenizer task per
       core) against ``datasets.map(batched=True, num_proc=<cores>)`` with the same fast
       tokenizer on the same JSONL files (both write their output to disk), tokens/s; target
       >= 1.0x. The files are the embedded corpus's paragraphs and SST-2's sentences, shuffled
@@ -119,7 +119,7 @@ def tokenization(tmp: Path, mb: float, timed: bool = True) -> list[dict]:
     assert hf_tokens == ours_tokens, (hf_tokens, ours_tokens)  # the same work
     return [
         {
-            "pipeline": f"bloomray prepare-data (Ray Data, {CORES} actors)",
+            "pipeline": f"bloomray prepare-data (Ray Data, {CORES} tasks at a time)",
             "tokens": ours_tokens,
             "seconds": round(ours_s, 1),
             "tokens_per_s": round(ours_tokens / ours_s),

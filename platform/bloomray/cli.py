@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="tiny-cpu", help="YAML file or preset name (default: tiny-cpu)")
     p.add_argument("--output", required=True, help="dataset dir (on storage every node reads: NFS, a PVC)")
     _add_set(p, "data.path=corpus/")
-    p.add_argument("--workers", type=int, help="tokenizer actors (default: the cluster's CPUs)")
+    p.add_argument("--workers", type=int, help="tokenizer tasks at a time (default: the cluster's CPUs)")
     p.add_argument("--shard-mb", type=int, default=256, help="shard size in MiB (default 256)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --output")
     _add_address(p)

@@ -36,7 +36,7 @@ def build_dataset(
 ) -> TokenDataset:
     """Tokenize ``data.path`` (and ``data.eval_path``) into the dataset dir ``out``.
 
-    What ``bloomray prepare-data`` runs (``workers`` Ray Data actors) and what a run does for raw
+    What ``bloomray prepare-data`` runs (at most ``workers`` Ray Data tasks at a time) and what a run does for raw
     input (``workers=0``, into ``OUTPUT/data``). Without a tokenizer (a model built from a
     preset) a byte-level BPE is trained on the first ``data.max_documents`` documents (all when
     unset), as it always was.
@@ -69,7 +69,7 @@ def prepare_dataset_dir(
     """``bloomray prepare-data``: tokenize ``data.path`` on Ray Data into the dataset dir ``out``.
 
     Args:
-        workers: tokenizer actors; None uses every CPU of the cluster (Ray is started or joined
+        workers: tokenizer tasks at a time; None uses every CPU of the cluster (Ray is started or joined
             per ``ray.address``).
         shard_mb: the size of one shard file.
         overwrite: replace a dataset already at ``out`` (anything else there is never touched).
