@@ -13,13 +13,13 @@ number of workers.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import itertools
 import json
 import logging
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -124,19 +124,39 @@ def encode_unit(unit: Unit, tok: PreTrainedTokenizerBase, s: EncodeSettings) -> 
             return
 
 
-@functools.lru_cache(maxsize=2)
-def _worker_tokenizer(tokenizer_dir: str) -> PreTrainedTokenizerBase:
-    """The tokenizer of a Ray worker process, loaded once per process (Ray reuses the process
-    for later tasks, so a unit costs no start-up once the first is done)."""
-    from bloomray.data.tokenizer import load_tokenizer
-
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one task per CPU already
-    return load_tokenizer(tokenizer_dir)
+_TOKENIZERS: dict[str, PreTrainedTokenizerBase] = {}
 
 
-def _encode_units(batch: dict[str, np.ndarray], settings: EncodeSettings) -> Iterator[dict[str, np.ndarray]]:
+def _tokenizer_files(tokenizer_dir: str) -> dict[str, bytes]:
+    """A saved tokenizer's files: what every task loads it from, on whichever node it runs."""
+    return {p.name: p.read_bytes() for p in sorted(Path(tokenizer_dir).iterdir()) if p.is_file()}
+
+
+def _worker_tokenizer(files: dict[str, bytes]) -> PreTrainedTokenizerBase:
+    """The tokenizer saved as ``files``, loaded once per Ray worker process (Ray reuses the
+    process for later tasks) from a private temp dir: no node needs the driver's disk."""
+    key = hashlib.sha256(
+        b"".join(
+            name.encode() + b"\0" + hashlib.sha256(data).digest() for name, data in sorted(files.items())
+        )
+    ).hexdigest()
+    if key not in _TOKENIZERS:
+        from bloomray.data.tokenizer import load_tokenizer
+
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one task per CPU already
+        with tempfile.TemporaryDirectory(prefix="bloomray-tokenizer-") as d:
+            for name, data in files.items():
+                (Path(d) / name).write_bytes(data)
+            _TOKENIZERS.clear()  # one dataset's tokenizer at a time
+            _TOKENIZERS[key] = load_tokenizer(d)
+    return _TOKENIZERS[key]
+
+
+def _encode_units(
+    batch: dict[str, np.ndarray], settings: EncodeSettings, tokenizer_files: dict[str, bytes]
+) -> Iterator[dict[str, np.ndarray]]:
     """The Ray Data task: encodes its units, one output row per chunk, tokens in the shards' dtype."""
-    tok = _worker_tokenizer(settings.tokenizer_dir)
+    tok = _worker_tokenizer(tokenizer_files)
     dtype = token_dtype(len(tok))
     for i, unit_json in enumerate(batch["unit"]):
         for c in encode_unit(Unit(**json.loads(unit_json)), tok, settings):
@@ -162,7 +182,7 @@ def _ray_chunks(
     items = [{"order": i, "unit": json.dumps(u.__dict__)} for i, u in enumerate(units)]
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         _encode_units,
-        fn_kwargs={"settings": settings},
+        fn_kwargs={"settings": settings, "tokenizer_files": _tokenizer_files(settings.tokenizer_dir)},
         batch_size=1,  # one unit per call, at most ``workers`` at a time
         compute=ray.data.TaskPoolStrategy(size=min(workers, len(units))),
         num_cpus=1,

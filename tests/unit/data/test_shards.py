@@ -222,3 +222,31 @@ def test_token_ids_are_the_tokenizers_own_and_a_truncating_one_still_is():
     assert any(len(ids) > 16 for ids in want)
     tok.backend_tokenizer.enable_truncation(16)  # tok() resets the Rust tokenizer's truncation per call
     assert token_ids(tok, texts) == want
+
+
+def test_a_ray_data_task_needs_nothing_from_the_drivers_disk(tmp_path: Path):
+    """The task gets the tokenizer's files, not the driver's path to them (a task on another node
+    cannot read the driver's temp dir), and encodes exactly what the driver's tokenizer does."""
+    import shutil
+    from dataclasses import replace
+
+    import bloomray.data.ingest as ingest
+    from bloomray.data.sources import Unit
+    from bloomray.data.tokenizer import load_tokenizer, train_tokenizer
+    from bloomray.data.tokens import encode_settings
+
+    (tmp_path / "a.txt").write_text("\n\n".join(docs_of(300, 1)))
+    train_tokenizer(docs_of(200, 0), 300).save_pretrained(str(tmp_path / "tok"))
+    tok = load_tokenizer(str(tmp_path / "tok"))
+    files = ingest._tokenizer_files(str(tmp_path / "tok"))
+    settings = encode_settings(load_config(None, ["train.max_steps=1"]), tmp_path / "tok")
+    shutil.rmtree(tmp_path / "tok")  # as on another node: the driver's dir is not there
+    unit = Unit("file", str(tmp_path / "a.txt"))
+    batch = {"order": np.array([0]), "unit": np.array([json.dumps(unit.__dict__)], dtype=object)}
+    rows = list(ingest._encode_units(batch, replace(settings, tokenizer_dir="/nonexistent"), files))
+    want = list(ingest.encode_unit(unit, tok, settings))
+    assert len(rows) == len(want) >= 1
+    for row, c in zip(rows, want, strict=True):
+        assert np.array_equal(np.frombuffer(row["tokens"][0], dtype=token_dtype(len(tok))), c["tokens"])
+        assert np.array_equal(np.frombuffer(row["lengths"][0], dtype="<i8"), c["lengths"])
+    assert ingest._worker_tokenizer(files) is ingest._worker_tokenizer(files)  # loaded once per process
