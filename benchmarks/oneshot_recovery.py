@@ -164,7 +164,7 @@ def search(quick: bool, tmp: Path) -> dict[str, Any]:
     from bloomray.tune.driver import run_tune
     from bloomray.tune.objectives import hypervolume_2d
 
-    steps = 8 if quick else 30  # 36 trials in about an hour on 2 cores (a trial: ~40 s of it the engine)
+    steps = 8 if quick else 30  # 36 trials of ~75 s each on 2 cores
     n_mo, n_random = (3, 4) if quick else (12, 24)
     common = [
         *base(steps, quick),

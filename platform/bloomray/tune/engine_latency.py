@@ -12,7 +12,12 @@ which compares fairly across trials measured minutes apart on a noisy machine.
 
 Measured in one Ray task per trial (``scaling.cpus_per_worker`` CPUs, a GPU with
 ``scaling.use_gpu``; the task's worker process exits after it, so the engines' memory goes
-with it). A sparse-packed export is measured as vLLM serves it: expanded to dense.
+with it). A sparse-packed export is measured as vLLM serves it: expanded to dense. The engines
+run their cores in the task's process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): the same
+scheduler, model runner and kernels as a served replica, without the engine-core and worker
+processes, whose hand-offs on a 2-core box added ~10 ms to every decode step and most of the
+time (two tiny models, 5 ABBA rounds: 52 s and 8-12 ms per token with them, 8.5 s and 2 ms
+without), the same for both engines of a pair.
 """
 
 from __future__ import annotations
@@ -106,6 +111,7 @@ def _task(dirs: dict[str, str], batch: int, seq: int, new: int, rounds: int, gpu
     if not gpu:  # before vLLM is imported: KV cache GiB, and the cores (ids, not "all")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind()
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine cores in this process
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return decode_latency(dirs, batch, seq, new, rounds, gpu)
 
