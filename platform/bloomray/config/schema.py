@@ -290,6 +290,10 @@ class TuneConfig(_Section):
     # trials.csv and the winner is chosen from it by the select.* rules. Must include tune.metric.
     objectives: list[Objective] = []
     sampler: Literal["nsga2", "tpe", "random"] = "nsga2"  # random: the baseline to compare a search against
+    # NSGA-II's generation size (TPE: its random startup trials). Default: num_samples // 3 in
+    # [2, 50], so a search evolves for at least three generations instead of spending its whole
+    # budget on the random first one (Optuna's own default is 50).
+    population_size: int | None = Field(None, ge=2)
 
     @model_validator(mode="after")
     def _check_objectives(self) -> TuneConfig:

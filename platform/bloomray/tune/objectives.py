@@ -23,15 +23,27 @@ def modes(cfg: Config) -> list[str]:
     return [OBJECTIVES[o] for o in cfg.tune.objectives]
 
 
+def population_size(cfg: Config) -> int:
+    """NSGA-II's generation size (TPE's random startup trials): ``tune.population_size``, or a
+    third of ``tune.num_samples`` within [2, 50] so the search has at least three generations."""
+    t = cfg.tune
+    return t.population_size if t.population_size is not None else max(2, min(50, t.num_samples // 3))
+
+
 def sampler(cfg: Config) -> Any:
-    """The Optuna sampler of a multi-objective search, seeded with ``tune.seed``."""
+    """The Optuna sampler of a multi-objective search, seeded with ``tune.seed``.
+
+    The random baseline and a search's first generation draw the same points for the same
+    seed, so a comparison of the two differs only in what the search chose after it.
+    """
     import optuna
 
-    if cfg.tune.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=cfg.tune.seed)
-    if cfg.tune.sampler == "random":  # the same objectives measured, none used to choose points
-        return optuna.samplers.RandomSampler(seed=cfg.tune.seed)
-    return optuna.samplers.TPESampler(seed=cfg.tune.seed)
+    t = cfg.tune
+    if t.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(population_size=population_size(cfg), seed=t.seed)
+    if t.sampler == "random":  # the same objectives measured, none used to choose points
+        return optuna.samplers.RandomSampler(seed=t.seed)
+    return optuna.samplers.TPESampler(n_startup_trials=population_size(cfg), seed=t.seed)
 
 
 def size_mb(model_dir: str | Path) -> float:

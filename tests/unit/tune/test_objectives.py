@@ -99,3 +99,29 @@ def test_engine_binds_the_cores_it_may_run_on_and_the_mix_is_fixed():
     mix = request_mix(300, batch=4, prompt_len=8)
     assert mix == request_mix(300, batch=4, prompt_len=8) and len(mix) == 4
     assert all(len(r) == 8 and all(3 <= t < 300 for t in r) for r in mix)
+
+
+def _study_points(smp, n: int) -> list[tuple[float, float]]:
+    """The (x, y) an Optuna study with ``smp`` asks for in ``n`` trials of a 2-objective toy problem."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=smp)
+    for _ in range(n):
+        t = study.ask()
+        x, y = t.suggest_float("x", 0.0, 1.0), t.suggest_float("y", 0.0, 1.0)
+        study.tell(t, [x + y, (1 - x) + y])  # front: y = 0
+    return [(t.params["x"], t.params["y"]) for t in study.trials]
+
+
+def test_a_12_trial_nsga2_search_evolves_after_a_first_generation_of_4():
+    from bloomray.tune.objectives import population_size
+
+    c = cfg(*MO, "tune.num_samples=12")
+    assert population_size(c) == 4
+    assert population_size(cfg(*MO, "tune.num_samples=600")) == 50
+    assert population_size(cfg(*MO, "tune.num_samples=12", "tune.population_size=6")) == 6
+    nsga = _study_points(sampler(c), 12)
+    rand = _study_points(sampler(cfg(*MO, "tune.num_samples=12", "tune.sampler=random")), 12)
+    assert nsga[:4] == rand[:4]  # the same first generation: the comparison is paired
+    assert nsga[4:] != rand[4:]  # then NSGA-II chooses (Optuna's default population of 50 would not)
