@@ -123,3 +123,54 @@ def test_distillation_recovers_toward_the_teacher_and_masks_hold(teacher, tmp_pa
         if "pattern=2:4" in " ".join(prune):
             assert two_four(params[name]), name
     assert torch.isfinite(torch.tensor(summary["eval_loss"]))
+
+
+def test_a_classifier_recovers_from_wanda_masks_calibrated_on_its_sentences(tmp_path, ray_local):
+    """Initial Wanda masks of a classifier (calibration: its train sentences' tokens, packed), then
+    distillation from the dense classifier on the label distribution; the masks hold."""
+    clf = make_model_dirs(tmp_path / "models")["clf"]  # labels negative / positive
+    rows = "".join(
+        f"the {w} film was {('dull', 'fine')[i % 2]} and {w} {i % 7}\t{('negative', 'positive')[i % 2]}\n"
+        for i, w in enumerate(["quick", "slow", "bright", "grey"] * 60)
+    )
+    data = tmp_path / "reviews.tsv"
+    data.write_text("text\tlabel\n" + rows)
+    cfg = load_config(
+        "classify-tiny-cpu",
+        [
+            f"model.path={clf}",
+            f"data.path={data}",
+            "data.block_size=16",
+            "train.max_steps=12",
+            "train.micro_batch_size=8",
+            "train.global_batch_size=16",
+            "train.lr=3e-3",
+            "train.warmup_steps=0",
+            "train.log_every=2",
+            "train.eval_every=12",
+            "train.checkpoint_every=12",
+            "prune.method=wanda",
+            "prune.initial_sparsity=0.5",
+            "prune.final_sparsity=0.5",
+            "prune.start_fraction=0.0",
+            "prune.calibration_samples=8",
+            "prune.distill.enabled=true",
+            "prune.distill.alpha=1.0",
+            "prune.distill.temperature=1.0",
+        ],
+    )
+    summary = run_training(cfg, tmp_path / "run")
+    facts = json.loads((tmp_path / "run" / "oneshot" / "oneshot.json").read_text())
+    assert (facts["method"], facts["calibration_samples"], facts["block_size"]) == ("wanda", 8, 16)
+    assert facts["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert 0.0 <= facts["eval_accuracy_after"] <= 1.0 and "eval_accuracy_before" in facts
+    kd = kd_points(tmp_path / "run")
+    assert sorted(kd) == list(range(2, 13, 2)) and kd[2] > 0, kd  # the pruned student is off its teacher
+    model = load_model(summary["model_dir"])
+    assert type(model).__name__ == "BloomForSequenceClassification"
+    params = dict(model.named_parameters())
+    initial = dict(load_model(tmp_path / "run" / "oneshot").named_parameters())
+    for name in target_names(model, TARGETS):
+        assert (params[name] == 0).float().mean().item() == pytest.approx(0.5, abs=1e-3), name
+        assert bool((params[name][initial[name] == 0] == 0).all()), f"{name}: a pruned weight came back"
+    assert 0.0 <= summary["eval_accuracy"] <= 1.0

@@ -47,10 +47,21 @@ def files_of(d: Path) -> dict[str, bytes]:
 def test_shards_are_identical_with_0_1_and_2_ray_data_workers(tmp_path: Path, ray_local):
     src = corpus(tmp_path / "corpus")
     local = build_dataset(cfg(src), None, tmp_path / "w0")
+    import ray.data
+
     from bloomray.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(str(local.tokenizer_dir))
+    ctx = ray.data.DataContext.get_current()
+    before = (ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.target_max_block_size)
     one = build_dataset(cfg(src), tok, tmp_path / "w1", workers=1, shard_tokens=5000)
+    # the driver's own Ray Data settings are back (the encoding set its own for its run only)
+    assert (
+        ctx.execution_options.preserve_order,
+        ctx.enable_progress_bars,
+        ctx.target_max_block_size,
+    ) == before
+    assert before != (True, False, 1 << 20)
     two = build_dataset(cfg(src), tok, tmp_path / "w2", workers=2, shard_tokens=5000)
     assert files_of(one.path) == files_of(two.path)
     assert len(one.index["splits"]["train"]["shards"]) > 3  # the 5,000-token shards were rolled

@@ -125,3 +125,55 @@ def test_prune_refuses_a_compacted_export(dirs, tmp_path: Path, capsys):
     assert main(_argv(dirs["compact"], tmp_path / "o", RUNS["wanda"])) == 2
     assert "compacted structured-pruned export" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_prune_a_classifier_calibrates_on_its_sentences_and_reports_accuracy(
+    ray_local, dirs, tmp_path: Path, capsys
+):
+    from bloomray.data.corpus import embedded_documents
+    from bloomray.prune.initial import calibration_and_eval, eval_scores
+
+    words = re.findall(r"[a-z]+", " ".join(embedded_documents()[:40]).lower())
+    sentences = [" ".join(words[i : i + 10]) for i in range(0, 1200, 10)]  # 120 of 10 words, no tab
+    rows = ["text\tlabel", *(f"{s}\t{('negative', 'positive')[i % 2]}" for i, s in enumerate(sentences))]
+    data_file = tmp_path / "labelled.tsv"
+    data_file.write_text("\n".join(rows) + "\n")
+    items = [
+        "task=classification",
+        f"data.path={data_file}",
+        "prune.method=wanda",
+        "prune.calibration_samples=8",
+    ]
+    out = tmp_path / "clf-wanda"
+    assert main(_argv(dirs["clf"], out, items)) == 0
+    summary = _summary(capsys.readouterr().out)
+    assert (summary["calibration_samples"], summary["block_size"]) == (8, 32)  # packed sentence tokens
+
+    model, source = load_model(out), load_model(dirs["clf"])
+    assert type(model).__name__ == "BloomForSequenceClassification"
+    params = dict(model.named_parameters())
+    for name in target_names(model, TARGETS):
+        w = params[name].detach()
+        assert ((w == 0).sum(1) == w.shape[1] // 2).all(), name  # Wanda: exact per output row
+    assert torch.equal(params["score.weight"], dict(source.named_parameters())["score.weight"])  # head kept
+
+    cfg = load_config("tiny-cpu", [*COMMON, *items])
+    calib, evals = calibration_and_eval(cfg, prepare_data(cfg, tokenizer=load_tokenizer(str(dirs["clf"]))))
+    assert calib.shape == (8, 32) and summary["eval_blocks"] == len(evals["labels"]) == 6  # 5% of 120
+    for key, m in (("after", model), ("before", source)):
+        got = eval_scores(m, evals, 4)
+        assert summary[f"eval_accuracy_{key}"] == pytest.approx(got["eval_accuracy"])
+        assert summary[f"eval_loss_{key}"] == pytest.approx(got["eval_loss"], rel=1e-5)
+    card = (out / "README.md").read_text()
+    assert "BLOOM classification model pruned" in card and "eval sentences" in card
+    assert f"accuracy {100 * summary['eval_accuracy_before']:.2f}%" in card
+
+
+def test_prune_refuses_a_classifier_whose_labels_are_not_the_datas(dirs, tmp_path: Path, capsys):
+    data_file = tmp_path / "numeric.tsv"
+    data_file.write_text("text\tlabel\n" + "".join(f"sentence number {i} here\t{i % 2}\n" for i in range(20)))
+    items = ["task=classification", f"data.path={data_file}", "prune.method=wanda"]
+    assert main(_argv(dirs["clf"], tmp_path / "o", items)) == 2
+    err = capsys.readouterr().err
+    assert "has labels {0: 'negative', 1: 'positive'} but data.path has {0: '0', 1: '1'}" in err
+    assert "Traceback" not in err and not (tmp_path / "o").exists()

@@ -480,7 +480,7 @@ def check_trainable(cfg: Config) -> None:
 
     Raises:
         ConfigError: a one-shot method without a trained ``model.path``, without an initial
-            sparsity, or on a classifier; magnitude with the one-shot ``prune.pattern=2:4``.
+            sparsity, or with task=sft; magnitude with the one-shot ``prune.pattern=2:4``.
     """
     p = cfg.prune
     if p.method in ONESHOT_METHODS:
@@ -490,10 +490,10 @@ def check_trainable(cfg: Config) -> None:
                 "first step: set model.path to that model's dir (or run `bloomray prune --model "
                 "MODEL_DIR --config CFG --output OUT` on an export)"
             )
-        if cfg.task != "causal_lm":
+        if cfg.task == "sft":
             raise ConfigError(
-                f"prune.method={p.method} calibrates a causal LM on text: set task=causal_lm, or use "
-                "prune.method magnitude or structured"
+                f"prune.method={p.method} calibrates a causal LM or a classifier on its text: set task "
+                "causal_lm or classification, or use prune.method magnitude or structured for sft"
             )
         if p.pattern == "2:4" and p.initial_sparsity != 0.5:
             raise ConfigError(

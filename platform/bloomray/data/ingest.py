@@ -175,25 +175,29 @@ def _ray_chunks(
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
+    saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.target_max_block_size)
     ctx.execution_options.preserve_order = True  # the shards' order must not depend on timing
     ctx.enable_progress_bars = False
     # A block per chunk or two (~0.1-1 MB), not per unit: the driver writes while tasks encode.
     ctx.target_max_block_size = 1 << 20
-    items = [{"order": i, "unit": json.dumps(u.__dict__)} for i, u in enumerate(units)]
-    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        _encode_units,
-        fn_kwargs={"settings": settings, "tokenizer_files": _tokenizer_files(settings.tokenizer_dir)},
-        batch_size=1,  # one unit per call, at most ``workers`` at a time
-        compute=ray.data.TaskPoolStrategy(size=min(workers, len(units))),
-        num_cpus=1,
-    )
-    for row in ds.iter_rows():
-        yield {
-            "tokens": np.frombuffer(row["tokens"], dtype=dtype),
-            "lengths": np.frombuffer(row["lengths"], dtype="<i8"),
-            "eval": np.frombuffer(row["eval"], dtype=bool),
-            "meta": json.loads(row["meta"]),
-        }
+    try:  # the caller's own Ray Data settings come back once the chunks are read (or abandoned)
+        items = [{"order": i, "unit": json.dumps(u.__dict__)} for i, u in enumerate(units)]
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            _encode_units,
+            fn_kwargs={"settings": settings, "tokenizer_files": _tokenizer_files(settings.tokenizer_dir)},
+            batch_size=1,  # one unit per call, at most ``workers`` at a time
+            compute=ray.data.TaskPoolStrategy(size=min(workers, len(units))),
+            num_cpus=1,
+        )
+        for row in ds.iter_rows():
+            yield {
+                "tokens": np.frombuffer(row["tokens"], dtype=dtype),
+                "lengths": np.frombuffer(row["lengths"], dtype="<i8"),
+                "eval": np.frombuffer(row["eval"], dtype=bool),
+                "meta": json.loads(row["meta"]),
+            }
+    finally:
+        ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.target_max_block_size = saved
 
 
 def _local_chunks(

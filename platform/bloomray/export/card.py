@@ -168,12 +168,17 @@ def _oneshot_section(shot: dict[str, Any], info: dict[str, Any]) -> str:
         if shot.get("method") == "sparsegpt"
         else ""
     )
+    acc = (
+        f"; accuracy {100 * shot['eval_accuracy_before']:.2f}% -> {100 * shot['eval_accuracy_after']:.2f}%"
+        if "eval_accuracy_after" in shot
+        else ""
+    )
     return f"""
 ## Pruning
 - method: one-shot {shot.get("method")}, pattern {shot.get("pattern")}{solver}; stored sparse (bitmask + values of every weight at least 30% zeros)
 - target sparsity {shot.get("sparsity_target")} of every pruned weight ({", ".join(shot.get("targets", []))}); measured overall {shot.get("sparsity", float("nan")):.4f}
-- calibration: {shot.get("calibration_samples")} samples (the first train blocks) of {shot.get("block_size")} tokens, {shot.get("calibration_tokens")} tokens
-- eval loss on {shot.get("eval_blocks")} eval blocks: {shot.get("eval_loss_before", float("nan")):.4f} dense -> {shot.get("eval_loss_after", float("nan")):.4f} pruned
+- calibration: {shot.get("calibration_samples")} samples (the first train {"sentences' tokens, packed into blocks" if acc else "blocks"}) of {shot.get("block_size")} tokens, {shot.get("calibration_tokens")} tokens
+- eval loss on {shot.get("eval_blocks")} eval {"sentences" if acc else "blocks"}: {shot.get("eval_loss_before", float("nan")):.4f} dense -> {shot.get("eval_loss_after", float("nan")):.4f} pruned{acc}
 - size on disk: {info.get("dense_size_bytes", 0) / 2**20:.2f} MiB dense -> {info.get("size_on_disk_bytes", 0) / 2**20:.2f} MiB exported
 - Unstructured and 2:4 zeros make dense kernels no faster: the gain is size on disk (2:4 can use GPU sparse tensor cores).
 

@@ -4,9 +4,10 @@ The driver checks everything cheap first (the method and pattern, the model dir,
 the tokenizer) and raises a :class:`~bloomray.errors.BloomrayError` before any real work. It
 then prepares ``data.*`` of the config with the model dir's *own* tokenizer (as training does,
 on the driver) and takes two small arrays from it: the calibration set, the first
-``prune.calibration_samples`` train blocks of ``data.block_size`` tokens (deterministic), and
-the eval blocks (``train.eval_max_batches`` micro-batches of ``train.micro_batch_size``, or
-all). Everything else runs in :func:`_prune_task`, one Ray task on a cluster node
+``prune.calibration_samples`` train blocks of ``data.block_size`` tokens (deterministic; for a
+classifier its train sentences' tokens without padding, packed into such blocks), and the eval
+rows (``train.eval_max_batches`` micro-batches of ``train.micro_batch_size``, or all; a
+classifier's with their labels, for accuracy). Everything else runs in :func:`_prune_task`, one Ray task on a cluster node
 (``scaling.cpus_per_worker`` CPUs, one GPU with ``scaling.use_gpu``): load the model, eval
 loss, prune (``prune.oneshot``: Wanda, SparseGPT or magnitude; unstructured or 2:4), eval loss
 again, and write the output atomically as a normal export in the sparse format
@@ -51,9 +52,10 @@ def check_request(
 
     Raises:
         OneShotError: the method is not one this verb runs, 2:4 with sparsity != 0.5 or a
-            hidden size not divisible by 4, the model is compacted or a classifier, the output
-            exists (without ``overwrite``) or is the model dir (exit 2).
-        ConfigError: ``task`` is not causal_lm (exit 2).
+            hidden size not divisible by 4, the model is compacted, the output exists (without
+            ``overwrite``) or is the model dir (exit 2).
+        ConfigError: ``task`` is not the model's (causal_lm, or classification for a
+            classifier) (exit 2).
         ModelLoadError: ``model_dir`` is not a model dir (exit 2).
     """
     p = cfg.prune
@@ -67,10 +69,6 @@ def check_request(
             f"prune.pattern=2:4 keeps 2 of every 4 weights, so prune.final_sparsity must be 0.5, got "
             f"{p.final_sparsity}"
         )
-    if cfg.task != "causal_lm":
-        raise ConfigError(
-            f"bloomray prune calibrates a causal LM on text: set task=causal_lm, not {cfg.task}"
-        )
     src = Path(model_dir).expanduser().resolve()
     if not (src / "config.json").is_file():
         raise ModelLoadError(
@@ -82,8 +80,17 @@ def check_request(
         raise OneShotError(
             f"--model {model_dir} is a compacted structured-pruned export; prune the dense model it came from"
         )
-    if task_of(raw) != "causal_lm":
-        raise OneShotError(f"--model {model_dir} is a classifier; bloomray prune prunes causal LMs")
+    task = task_of(raw)
+    if cfg.task != task:
+        fix = (
+            "task=classification and data.path to labelled rows"
+            if task == "classification"
+            else "task=causal_lm"
+        )
+        raise ConfigError(
+            f"--model {model_dir} is a {'classifier' if task == 'classification' else 'causal LM'} but the "
+            f"config has task={cfg.task}: set {fix}"
+        )
     if p.pattern == "2:4" and BloomConfig.from_dict(raw).hidden_size % 4:
         raise OneShotError(
             f"2:4 needs a hidden size divisible by 4; {model_dir} has {raw.get('hidden_size')}"
@@ -98,13 +105,28 @@ def check_request(
     return raw
 
 
+def check_labels(model_dir: str | Path, raw: dict[str, Any], data_labels: dict[int, str]) -> None:
+    """A classifier's labels (config.json ``id2label``) are the data's, id for id.
+
+    Raises:
+        OneShotError: they differ; the accuracy would compare the wrong classes.
+    """
+    model_labels = {int(k): str(v) for k, v in (raw.get("id2label") or {}).items()}
+    data_labels = {int(k): str(v) for k, v in data_labels.items()}
+    if model_labels != data_labels:
+        raise OneShotError(
+            f"--model {model_dir} has labels {model_labels} but data.path has {data_labels}: calibrate on "
+            "the model's own labelled data (or set data.labels to the model's label names in id order)"
+        )
+
+
 def _prune_task(
     model_dir: str,
     output_dir: str,
     overwrite: bool,
     cfg_dict: dict[str, Any],
     calib: np.ndarray,
-    evals: np.ndarray,
+    evals: dict[str, np.ndarray],
     data_stats: dict[str, Any],
 ) -> dict[str, Any]:
     """The Ray task: load, eval, prune, eval, write the sparse export and its card; the summary."""
@@ -114,6 +136,7 @@ def _prune_task(
     model = load_model(model_dir)
     measured = prune_measured(model, cfg, p.final_sparsity, calib, evals)
     before, after = measured["eval_loss_before"], measured["eval_loss_after"]
+    accuracy = {k: measured[k] for k in ("eval_accuracy_before", "eval_accuracy_after") if k in measured}
     shot = {
         "source_model": model_dir,
         "method": p.method,
@@ -125,18 +148,24 @@ def _prune_task(
         "calibration_samples": int(calib.shape[0]),
         "block_size": int(calib.shape[1]),
         "calibration_tokens": int(calib.size),
-        "eval_blocks": int(evals.shape[0]),
+        "eval_blocks": int(evals["input_ids"].shape[0]),  # a classifier's: eval sentences
         "eval_loss_before": before,
         "eval_loss_after": after,
+        **accuracy,
         **({"percdamp": p.percdamp, "blocksize": p.blocksize} if p.method == "sparsegpt" else {}),
     }
     meta = {
-        "task": "causal_lm",
+        "task": cfg.task,  # the model's own (check_request)
         "config": cfg.model_dump(mode="json"),
         "model_config": model.config.to_dict(),
         "base_model": model_dir,
         "data": data_stats,
-        "metrics": {"eval_loss": after, "eval_loss_dense": before, "sparsity": measured["sparsity"]},
+        "metrics": {
+            "eval_loss": after,
+            "eval_loss_dense": before,
+            "sparsity": measured["sparsity"],
+            **({"eval_accuracy": accuracy["eval_accuracy_after"]} if accuracy else {}),
+        },
         "oneshot": shot,
     }
     info = _write_export(model, model_dir, output_dir, overwrite, meta, torch.tensor(calib[:2]))
@@ -197,7 +226,7 @@ def prune_model_dir(
 
     Returns:
         The summary: method, pattern, sparsity overall and per target kind, calibration size,
-        eval loss before and after on the eval blocks, the output dir.
+        eval loss (and a classifier's accuracy) before and after on the eval rows, the output dir.
 
     Raises:
         OneShotError / ConfigError / ModelLoadError / TokenizerError / DataError: bad input
@@ -215,7 +244,14 @@ def prune_model_dir(
             f"{model_dir}'s tokenizer has {len(tokenizer)} tokens, more than the model's vocab_size={vocab}"
         )
     data = prepare_data(cfg, tokenizer=tokenizer)
+    if cfg.task == "classification":
+        check_labels(model_dir, raw, data.id2label or {})
     calib, evals = calibration_and_eval(cfg, data)
+    if len(calib) == 0:
+        raise OneShotError(
+            f"the train data holds fewer than data.block_size={cfg.data.block_size} tokens: no calibration "
+            "block; lower data.block_size or add data"
+        )
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
     check_task_resources(cfg, ray.cluster_resources())
     task = ray.remote(

@@ -26,12 +26,14 @@ from typing import Any
 import numpy as np
 import ray
 import torch
+from transformers import BloomConfig
 
 from bloomray.config import ONESHOT_METHODS, Config
 from bloomray.data.prepare import PreparedData
+from bloomray.data.shards import BlockSource
 from bloomray.errors import BloomrayError
 from bloomray.files import atomic_dir
-from bloomray.model.build import load_pretrained
+from bloomray.model.build import load_pretrained, resolve_model_config
 from bloomray.prune.masks import target_names
 from bloomray.prune.oneshot import OneShotError, oneshot_prune
 from bloomray.raycluster import outside_placement_group
@@ -40,18 +42,28 @@ log = logging.getLogger(__name__)
 FACTS_FILE = "oneshot.json"
 
 
-def calibration_and_eval(cfg: Config, data: PreparedData) -> tuple[np.ndarray, np.ndarray]:
-    """(first ``prune.calibration_samples`` train blocks, the eval blocks), int64 ``[n, block_size]``.
+def calibration_and_eval(cfg: Config, data: PreparedData) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(calibration blocks int64 ``[n, block_size]``, the eval arrays by column name).
 
-    Fewer train blocks than asked calibrate on all of them (the summary says how many). The
-    eval blocks are the first ``train.eval_max_batches * train.micro_batch_size`` (all if unset).
+    Calibration: the first ``prune.calibration_samples`` train blocks; for a classifier, whose
+    rows are right-padded sentences, their tokens without the padding, concatenated in order
+    and cut into blocks of ``data.block_size`` (calibration needs activations of real text,
+    not labels, and no pad token may count in the statistics). Fewer than asked calibrate on
+    all there are (the summary says how many). Eval: the first ``train.eval_max_batches *
+    train.micro_batch_size`` eval rows (all if unset), with their ``attention_mask`` and
+    ``labels`` for a classifier.
     """
-    n_calib = min(cfg.prune.calibration_samples, len(data.train))
-    if n_calib < cfg.prune.calibration_samples:
+    want = cfg.prune.calibration_samples
+    calib = (
+        _packed_sentences(data.train, want, cfg.data.block_size)
+        if cfg.task == "classification"
+        else data.train.take(np.arange(min(want, len(data.train))))["input_ids"].astype(np.int64)
+    )
+    if len(calib) < want:
         log.warning(
-            "prune.calibration_samples=%d but the data has %d train blocks: calibrating on all of them",
-            cfg.prune.calibration_samples,
-            n_calib,
+            "prune.calibration_samples=%d but the train data makes %d calibration blocks: calibrating on all of them",
+            want,
+            len(calib),
         )
     t = cfg.train
     n_eval = (
@@ -59,22 +71,43 @@ def calibration_and_eval(cfg: Config, data: PreparedData) -> tuple[np.ndarray, n
         if t.eval_max_batches is None
         else min(len(data.eval), t.eval_max_batches * t.micro_batch_size)
     )
-    calib = data.train.take(np.arange(n_calib))["input_ids"].astype(np.int64)
-    evals = data.eval.take(np.arange(n_eval))["input_ids"].astype(np.int64)
-    return calib, evals
+    rows = data.eval.take(np.arange(n_eval))
+    columns = ("input_ids", "attention_mask", "labels") if cfg.task == "classification" else ("input_ids",)
+    return calib, {k: rows[k].astype(np.int64) for k in columns}
+
+
+def _packed_sentences(train: BlockSource, n_blocks: int, block_size: int, chunk: int = 1024) -> np.ndarray:
+    """The first ``n_blocks`` blocks of the train rows' non-pad tokens, concatenated in row order."""
+    need, parts, have = n_blocks * block_size, [], 0
+    for start in range(0, len(train), chunk):
+        rows = train.take(np.arange(start, min(start + chunk, len(train))))
+        tokens = rows["input_ids"][rows["attention_mask"].astype(bool)]  # row by row, pads dropped
+        parts.append(tokens)
+        have += len(tokens)
+        if have >= need:
+            break
+    flat = np.concatenate(parts)[:need] if parts else np.zeros(0, np.int64)
+    n = len(flat) // block_size
+    return flat[: n * block_size].reshape(n, block_size).astype(np.int64)
 
 
 @torch.no_grad()
-def eval_loss(model: torch.nn.Module, ids: np.ndarray | torch.Tensor, batch_size: int) -> float:
-    """Next-token loss over ``ids`` in batches, each batch's mean weighted by its rows (as training's eval)."""
-    ids = ids if isinstance(ids, torch.Tensor) else torch.tensor(ids)  # a copy: Ray arrays are read-only
+def eval_scores(model: torch.nn.Module, evals: dict[str, np.ndarray], batch_size: int) -> dict[str, float]:
+    """``eval_loss`` over ``evals`` in batches, each batch's mean weighted by its rows (as training's
+    eval); with ``labels`` in ``evals`` (a classifier) also ``eval_accuracy``."""
     device = next(model.parameters()).device
-    total, rows = 0.0, 0
-    for start in range(0, ids.shape[0], batch_size):
-        batch = ids[start : start + batch_size].to(device)
-        total += float(model(input_ids=batch, labels=batch, use_cache=False).loss.double()) * batch.shape[0]
-        rows += batch.shape[0]
-    return total / rows
+    cols = {k: torch.tensor(v) for k, v in evals.items()}  # copies: Ray arrays are read-only
+    n = cols["input_ids"].shape[0]
+    total, correct = 0.0, 0
+    for start in range(0, n, batch_size):
+        batch = {k: v[start : start + batch_size].to(device) for k, v in cols.items()}
+        if "labels" in batch:  # classification: the label of each row
+            out = model(**batch, use_cache=False)
+            correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+        else:
+            out = model(input_ids=batch["input_ids"], labels=batch["input_ids"], use_cache=False)
+        total += float(out.loss.double()) * batch["input_ids"].shape[0]
+    return {"eval_loss": total / n, **({"eval_accuracy": correct / n} if "labels" in cols else {})}
 
 
 def sparsity_by_kind(model: torch.nn.Module, targets: list[str]) -> tuple[float, dict[str, float]]:
@@ -120,14 +153,15 @@ def settings_key(cfg: Config, calib: np.ndarray) -> dict[str, Any]:
 
 
 def prune_measured(
-    model: torch.nn.Module, cfg: Config, sparsity: float, calib: np.ndarray, evals: np.ndarray
+    model: torch.nn.Module, cfg: Config, sparsity: float, calib: np.ndarray, evals: dict[str, np.ndarray]
 ) -> dict[str, Any]:
     """Prune ``model`` per ``cfg.prune`` at ``sparsity`` on ``calib`` (on the task's device, then
-    back on the CPU); the eval loss before and after and the sparsity reached."""
+    back on the CPU); the eval loss (and a classifier's accuracy) before and after, and the
+    sparsity reached."""
     p, mb = cfg.prune, cfg.train.micro_batch_size
     device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
     model.to(device)
-    before = eval_loss(model, evals, mb)
+    before = eval_scores(model, evals, mb)
     oneshot_prune(
         model,
         torch.tensor(calib),  # a copy: Ray hands the task read-only arrays
@@ -139,23 +173,30 @@ def prune_measured(
         blocksize=p.blocksize,
         percdamp=p.percdamp,
     )
-    after = eval_loss(model, evals, mb)
+    after = eval_scores(model, evals, mb)
     model.cpu()
     overall, by_kind = sparsity_by_kind(model, list(p.targets))
     return {
         "sparsity": overall,
         "sparsity_by_kind": by_kind,
-        "eval_loss_before": before,
-        "eval_loss_after": after,
+        **{f"{k}_before": v for k, v in before.items()},
+        **{f"{k}_after": v for k, v in after.items()},
     }
 
 
 def _initial_task(
-    dest: str, cfg_dict: dict[str, Any], calib: np.ndarray, evals: np.ndarray, key: dict[str, Any]
+    dest: str,
+    cfg_dict: dict[str, Any],
+    model_config: dict[str, Any],
+    calib: np.ndarray,
+    evals: dict[str, np.ndarray],
+    key: dict[str, Any],
 ) -> dict[str, Any]:
-    """The Ray task: load the starting model, prune it one-shot, write it with its facts."""
+    """The Ray task: load the starting model (with the config the workers build from, so a
+    classifier has the data's labels), prune it one-shot, write it with its facts."""
     cfg = Config.model_validate(cfg_dict)
-    model = load_pretrained("causal_lm", str(cfg.model.path), dtype=torch.float32)
+    config = BloomConfig.from_dict(model_config)
+    model = load_pretrained(cfg.task, str(cfg.model.path), config=config, dtype=torch.float32)
     facts = {**key, **prune_measured(model, cfg, cfg.prune.initial_sparsity, calib, evals)}
     with atomic_dir(dest, replace=True) as tmp:
         model.save_pretrained(str(tmp))
@@ -191,7 +232,10 @@ def initial_model(cfg: Config, out: Path, data: PreparedData) -> tuple[str, dict
         max_retries=0,
         scheduling_strategy=outside_placement_group(),
     )(_initial_task)
-    ref = task.remote(str(dest), cfg.model_dump(mode="json"), calib, evals, key)
+    model_config = resolve_model_config(
+        cfg.task, cfg.model.preset, cfg.model.path, data.tokenizer, data.id2label, cfg.model.vocab_size
+    )
+    ref = task.remote(str(dest), cfg.model_dump(mode="json"), model_config, calib, evals, key)
     try:
         facts = ray.get(ref)
     except ray.exceptions.RayTaskError as exc:

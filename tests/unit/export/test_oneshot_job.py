@@ -12,16 +12,17 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from tiny_bloom import TARGETS, VOCAB, make_model
+from tiny_bloom import PAD, TARGETS, VOCAB, make_model
 
 from bloomray.cli import main
 from bloomray.config import ConfigError, check_trainable, load_config
+from bloomray.data.packing import ArrayBlocks
 from bloomray.errors import EXIT_USAGE
 from bloomray.export.card import _load_section, _oneshot_section, _pruning_section
-from bloomray.export.oneshot import check_request
+from bloomray.export.oneshot import check_labels, check_request
 from bloomray.model.build import ModelLoadError
 from bloomray.model.compact import SPEC_KEY
-from bloomray.prune.initial import calibration_and_eval, check_task_resources, eval_loss, sparsity_by_kind
+from bloomray.prune.initial import calibration_and_eval, check_task_resources, eval_scores, sparsity_by_kind
 from bloomray.prune.oneshot import OneShotError
 
 BASE = ["train.max_steps=5"]
@@ -108,13 +109,16 @@ def test_model_must_be_a_model_dir(tmp_path: Path):
     assert e.value.exit_code == EXIT_USAGE
 
 
-def test_compacted_and_classifier_dirs_are_refused(tmp_path: Path):
+def test_compacted_dirs_and_a_task_that_is_not_the_models_are_refused(tmp_path: Path):
     compact = _config_dir(tmp_path, "compact", **{SPEC_KEY: {"heads": [], "neurons": []}})
     clf = _config_dir(tmp_path, "clf", architectures=["BloomForSequenceClassification"])
     with pytest.raises(OneShotError, match="compacted structured-pruned export"):
         check_request(compact, cfg("prune.method=wanda"), tmp_path / "out", overwrite=False)
-    with pytest.raises(OneShotError, match="is a classifier"):
+    with pytest.raises(
+        ConfigError, match="is a classifier but the config has task=causal_lm: set task=classification"
+    ):
         check_request(clf, cfg("prune.method=wanda"), tmp_path / "out", overwrite=False)
+    check_request(clf, cfg("prune.method=wanda", "task=classification"), tmp_path / "out", overwrite=False)
 
 
 def test_two_four_needs_a_hidden_size_divisible_by_4(tmp_path: Path):
@@ -138,10 +142,21 @@ def test_output_may_not_be_the_model(model_dir: Path):
         check_request(model_dir, cfg("prune.method=wanda"), model_dir, overwrite=True)
 
 
-def test_classification_task_is_refused(model_dir: Path, tmp_path: Path):
+def test_a_causal_lm_with_task_classification_is_refused(model_dir: Path, tmp_path: Path):
     c = cfg("prune.method=wanda", "task=classification")
-    with pytest.raises(ConfigError, match="set task=causal_lm"):
+    with pytest.raises(
+        ConfigError, match="is a causal LM but the config has task=classification: set task=causal_lm"
+    ):
         check_request(model_dir, c, tmp_path / "out", overwrite=False)
+
+
+def test_a_classifiers_labels_must_be_the_datas():
+    raw = {"id2label": {"0": "neg", "1": "pos"}}
+    check_labels("m", raw, {0: "neg", 1: "pos"})
+    with pytest.raises(OneShotError, match="has labels .*'neg'.* but data.path has .*'0'"):
+        check_labels("m", raw, {0: "0", 1: "1"})
+    with pytest.raises(OneShotError, match="set data.labels"):
+        check_labels("m", raw, {0: "neg", 1: "pos", 2: "mixed"})
 
 
 def test_cli_bad_model_exits_2_before_data_or_ray(tmp_path: Path, capsys, monkeypatch):
@@ -192,12 +207,36 @@ def test_calibration_is_the_first_train_blocks_and_eval_is_bounded():
     data = SimpleNamespace(train=_Blocks(10, 0), eval=_Blocks(9, 1000))
     c = cfg("prune.calibration_samples=3", "train.eval_max_batches=2", "train.micro_batch_size=2")
     calib, evals = calibration_and_eval(c, data)
-    assert calib.dtype == np.int64 and evals.dtype == np.int64
+    assert calib.dtype == np.int64 and evals["input_ids"].dtype == np.int64
     assert np.array_equal(calib, data.train.ids[:3])
-    assert np.array_equal(evals, data.eval.ids[:4])  # 2 batches of 2
+    assert list(evals) == ["input_ids"] and np.array_equal(evals["input_ids"], data.eval.ids[:4])  # 2 x 2
     c = cfg("prune.calibration_samples=50")  # more than there are: all of them; eval unbounded: all
     calib, evals = calibration_and_eval(c, data)
-    assert len(calib) == 10 and len(evals) == 9
+    assert len(calib) == 10 and len(evals["input_ids"]) == 9
+
+
+def _sentences(lengths: list[int], width: int, offset: int) -> ArrayBlocks:
+    """Right-padded rows (pad id 0) whose tokens count up from ``offset``; labels alternate."""
+    ids, mask, nxt = (
+        np.zeros((len(lengths), width), np.int32),
+        np.zeros((len(lengths), width), np.int8),
+        offset,
+    )
+    for i, n in enumerate(lengths):
+        ids[i, :n], mask[i, :n] = np.arange(nxt, nxt + n), 1
+        nxt += n
+    return ArrayBlocks({"input_ids": ids, "attention_mask": mask, "labels": np.arange(len(lengths)) % 2})
+
+
+def test_a_classifiers_calibration_is_its_sentences_tokens_packed_without_padding():
+    data = SimpleNamespace(train=_sentences([5, 9, 3, 11, 6], 12, 1), eval=_sentences([2, 3, 4], 12, 100))
+    c = cfg("task=classification", "data.block_size=8", "prune.calibration_samples=3")
+    calib, evals = calibration_and_eval(c, data)
+    assert np.array_equal(calib, np.arange(1, 25).reshape(3, 8))  # pads dropped, rows in order
+    assert set(evals) == {"input_ids", "attention_mask", "labels"} and evals["labels"].tolist() == [0, 1, 0]
+    # 34 tokens make 4 blocks of 8: asking for 9 gives the 4 there are
+    more = cfg("task=classification", "data.block_size=8", "prune.calibration_samples=9")
+    assert calibration_and_eval(more, data)[0].shape == (4, 8)
 
 
 def test_eval_loss_weights_each_batch_by_its_rows():
@@ -205,9 +244,27 @@ def test_eval_loss_weights_each_batch_by_its_rows():
     ids = torch.randint(3, VOCAB, (5, 8), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         per_row = [float(model(input_ids=ids[i : i + 1], labels=ids[i : i + 1]).loss) for i in range(5)]
-    assert eval_loss(model, ids.numpy(), batch_size=5) == pytest.approx(np.mean(per_row), rel=1e-5)
+    assert eval_scores(model, {"input_ids": ids.numpy()}, batch_size=5) == {
+        "eval_loss": pytest.approx(np.mean(per_row), rel=1e-5)
+    }
     # Batches of 2, 2, 1: same per-row weighting (every row has the same number of tokens).
-    assert eval_loss(model, ids, batch_size=2) == pytest.approx(np.mean(per_row), rel=1e-5)
+    assert eval_scores(model, {"input_ids": ids.numpy()}, batch_size=2)["eval_loss"] == pytest.approx(
+        np.mean(per_row), rel=1e-5
+    )
+
+
+def test_a_classifiers_eval_has_its_accuracy_on_the_padded_rows():
+    model = make_model("classification")  # 3 labels; pad id PAD
+    data = _sentences([3, 5, 2, 6, 4], 6, PAD + 1)  # padded with PAD
+    evals = {k: data[k].astype(np.int64) for k in data}
+    with torch.no_grad():
+        rows = [model(**{k: torch.tensor(v[i : i + 1]) for k, v in evals.items()}) for i in range(5)]
+    want_acc = np.mean(
+        [int(r.logits.argmax(-1)) == lab for r, lab in zip(rows, evals["labels"], strict=True)]
+    )
+    got = eval_scores(model, evals, batch_size=2)  # padded rows batched together: the same per-row result
+    assert got["eval_accuracy"] == pytest.approx(want_acc)
+    assert got["eval_loss"] == pytest.approx(np.mean([float(r.loss) for r in rows]), rel=1e-5)
 
 
 def test_sparsity_by_kind_counts_exact_zeros():
@@ -263,8 +320,8 @@ def test_card_pruning_section_names_method_pattern_sparsity_and_calibration():
             "set prune.initial_sparsity=0.5",
         ),
         (
-            ["prune.method=wanda", "model.path=/m", "prune.initial_sparsity=0.5", "task=classification"],
-            "task=causal_lm",
+            ["prune.method=wanda", "model.path=/m", "prune.initial_sparsity=0.5", "task=sft"],
+            "causal_lm or classification",
         ),
         (["prune.method=magnitude", "prune.pattern=2:4"], "set prune.method=2:4"),
     ],
@@ -277,6 +334,9 @@ def test_training_refuses_one_shot_settings_it_cannot_start_from(items: list[str
 def test_training_takes_wanda_and_sparsegpt_as_initial_masks_of_a_trained_model():
     check_trainable(cfg("prune.method=magnitude"))
     check_trainable(cfg("prune.method=wanda", "model.path=/m", "prune.initial_sparsity=0.5"))
+    check_trainable(
+        cfg("prune.method=wanda", "model.path=/m", "prune.initial_sparsity=0.5", "task=classification")
+    )
     check_trainable(
         cfg("prune.method=sparsegpt", "model.path=/m", "prune.pattern=2:4", "prune.initial_sparsity=0.5")
     )
