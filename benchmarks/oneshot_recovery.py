@@ -1,4 +1,4 @@
-""".venv/bin/python benchmarks/oneshot_recovery.py [--parts oneshot,recovery,search] [--quick]
+""".venv/bin/python benchmarks/oneshot_recovery.py [--parts oneshot,recovery,search,sst2] [--quick]
 
 The pruning benchmark of a *trained* model (``sparsity_quality.py`` prunes during training from
 scratch): one-shot pruning with calibration data, recovery with distillation, and a
@@ -19,6 +19,7 @@ multi-objective search, all through bloomray's own verbs on one local Ray.
             random search with 24; the Pareto hypervolume of each (both objectives minimised,
             reference point: the worst value of each over both searches). Target: NSGA-II's >=
             random's.
+  sst2      the one-shot and recovery parts on an SST-2 classifier (``oneshot_sst2.py``).
 
 Eval losses are on the whole eval split (the same blocks for every model: the same tokenizer and
 document-hash split). Appends a dated section to benchmarks/RESULTS.md; ``--quick`` runs tiny
@@ -35,8 +36,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import oneshot_sst2
 from _results import ROOT, markdown_table, report  # benchmarks/ is on sys.path when run as a script
-from sparsity_quality import RAY_CPUS, base_overrides
+from sparsity_quality import RAY_CPUS, base_overrides, train_precision
 
 from bloomray.config import load_config
 
@@ -47,7 +49,7 @@ SPEEDUP_TARGET = 1.4
 
 
 def base(steps: int, quick: bool) -> list[str]:
-    """sparsity_quality's shared run settings (small preset, ZeRO-2 bf16, 2 workers), on the LM corpus."""
+    """sparsity_quality's shared run settings (small preset, ZeRO-2, 2 workers), on the LM corpus."""
     return [
         "task=causal_lm",
         "data.block_size=128",
@@ -297,7 +299,7 @@ def main() -> int:
     from bloomray.raycluster import init_ray
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[2])
-    p.add_argument("--parts", default="oneshot,recovery,search")
+    p.add_argument("--parts", default="oneshot,recovery,search,sst2")
     p.add_argument("--quick", action="store_true", help="tiny step counts to check the script; no RESULTS.md")
     args = p.parse_args()
     parts = set(args.parts.split(","))
@@ -312,10 +314,17 @@ def main() -> int:
         shots = oneshot(dense["model_dir"], args.quick, tmp) if "oneshot" in parts else None
         rec = recovery(dense["model_dir"], args.quick, tmp) if "recovery" in parts else None
         found = search(args.quick, tmp) if "search" in parts else None
+        sst2 = oneshot_sst2.run(args.quick, CACHE, tmp) if "sst2" in parts else None
     finally:
         ray.shutdown()
     speed = engine_speed(dense["model_dir"], rec["structured"]["model_dir"], args.quick) if rec else None
-    body = []
+    import torch
+
+    body = [
+        f"- training precision {train_precision()} (CPU capability {torch.backends.cpu.get_cpu_capability()}; "
+        "bf16 only with AVX-512)",
+        "",
+    ]
     if dense:
         body += [
             f"- dense: `small` preset, {dense['steps']} steps on the embedded corpus, eval loss {dense['eval_loss']:.4f} "
@@ -338,6 +347,8 @@ def main() -> int:
         ]
     if found:
         body += ["### multi-objective search", "", *search_lines(found), ""]
+    if sst2:
+        body += ["### SST-2 (classification): one-shot and recovery", "", *oneshot_sst2.lines(sst2), ""]
     report("oneshot_recovery", body, args.quick)
     return 0
 
