@@ -170,7 +170,8 @@ def test_a_classifier_recovers_from_wanda_masks_calibrated_on_its_sentences(tmp_
     assert type(model).__name__ == "BloomForSequenceClassification"
     params = dict(model.named_parameters())
     initial = dict(load_model(tmp_path / "run" / "oneshot").named_parameters())
-    for name in target_names(model, TARGETS):
-        assert (params[name] == 0).float().mean().item() == pytest.approx(0.5, abs=1e-3), name
+    for name in target_names(model, TARGETS):  # Wanda's zeros (half of every row) all still zero
+        assert (initial[name] == 0).float().mean().item() == pytest.approx(0.5, abs=1e-6), name
         assert bool((params[name][initial[name] == 0] == 0).all()), f"{name}: a pruned weight came back"
+    assert summary["sparsity"] == pytest.approx(0.5, abs=2e-3)  # the schedule's re-ranking moves a few
     assert 0.0 <= summary["eval_accuracy"] <= 1.0
