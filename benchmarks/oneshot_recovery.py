@@ -278,7 +278,9 @@ def search_lines(res: dict[str, Any]) -> list[str]:
     hv, n = res["hv"], res["trials"]
     lines = [
         f"- each trial: `small` preset, {res['steps']} steps, 1 worker, structured mlp+heads pruning; objectives "
-        "eval loss and decode_rel (vLLM, batch 16, 32 prompt + 32 new tokens, 5 ABBA rounds against the dense shape)",
+        "eval loss and decode_rel (vLLM, batch 16, 32 prompt + 32 new tokens, 5 ABBA rounds against the dense shape); "
+        f"NSGA-II population {max(2, min(50, n['nsga2'] // 3))} (the tune.population_size default), both samplers "
+        "seeded 0 (the same first generation)",
         f"- hypervolume reference point (eval loss, decode_rel) = ({res['ref'][0]:.4f}, {res['ref'][1]:.4f})",
     ]
     for name in ("nsga2", "random"):
