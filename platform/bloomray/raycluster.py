@@ -78,7 +78,12 @@ def own_api_server(port: int) -> Iterator[None]:
 
 
 def start_local_ray(**kwargs: Any) -> None:
-    """``ray.init`` of a new local Ray with the Serve settings and its own State API address."""
+    """``ray.init`` of a new local Ray with the Serve settings and its own State API address.
+
+    Always a new one (``address="local"``): without an address ``ray.init`` would join any
+    Ray another process on this machine started (``ray start``, a test cluster) and then
+    refuse ``num_cpus``."""
+    kwargs.setdefault("address", "local")
     apply_serve_env()  # a cluster's nodes get SERVE_ENV from its config (cluster.yaml, deploy/)
     port = kwargs.setdefault("dashboard_port", free_port())
     with own_api_server(port):

@@ -67,7 +67,10 @@ def peak_flops(configured_tflops: float | None, dtype: torch.dtype, device: torc
     """Per-worker FLOP/s that MFU is measured against.
 
     ``scaling.peak_tflops`` when set; on a GPU the datasheet dense bf16 peak of the device;
-    on CPU (no datasheet number applies) a matmul measured now, under the run's core sharing.
+    on CPU (no datasheet number applies) a matmul measured now, under the run's core sharing,
+    in the run's dtype or fp32, whichever is faster: a CPU without bf16 units (AVX2) emulates
+    bf16 GEMMs far below its fp32 rate, and some bf16 shapes take faster kernels than the
+    measured one, so the bf16 matmul alone is no ceiling there (MFU came out above 1).
     """
     if configured_tflops:
         return configured_tflops * 1e12
@@ -77,7 +80,9 @@ def peak_flops(configured_tflops: float | None, dtype: torch.dtype, device: torc
         if tflops is not None:
             return tflops * 1e12
         log.warning("no datasheet peak for %r: MFU uses a measured matmul; set scaling.peak_tflops", name)
-    return measure_peak_flops(dtype, device)
+        return measure_peak_flops(dtype, device)
+    rates = [measure_peak_flops(d, device) for d in dict.fromkeys((dtype, torch.float32))]
+    return max(rates)
 
 
 def measure_peak_flops(dtype: torch.dtype, device: torch.device, seconds: float = 0.5) -> float:

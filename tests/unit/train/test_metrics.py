@@ -117,3 +117,20 @@ def test_format_progress_all_fields():
 def test_format_progress_skips_missing_grad_norm():
     m = {"train_loss": 1.0, "tokens_per_s": 1.0, "mfu": 0.0, "lr": 1.0, "grad_norm": None}
     assert "gnorm" not in format_progress(1, 1, m)
+
+
+def test_cpu_peak_is_the_faster_of_the_run_dtype_and_fp32(monkeypatch):
+    """On a CPU without bf16 units the bf16 matmul is no ceiling (MFU came out above 1): the
+    MFU denominator is the faster of the run's dtype and fp32, and a configured peak wins."""
+    import torch
+
+    from bloomray.train import metrics
+
+    rates = {torch.bfloat16: 1.2e9, torch.float32: 86e9}
+    monkeypatch.setattr(metrics, "measure_peak_flops", lambda dtype, device: rates[dtype])
+    cpu = torch.device("cpu")
+    assert metrics.peak_flops(None, torch.bfloat16, cpu) == 86e9
+    rates[torch.bfloat16] = 300e9  # AMX / avx512_bf16: bf16 beats fp32
+    assert metrics.peak_flops(None, torch.bfloat16, cpu) == 300e9
+    assert metrics.peak_flops(None, torch.float32, cpu) == 86e9
+    assert metrics.peak_flops(2.0, torch.bfloat16, cpu) == 2.0e12
