@@ -127,16 +127,16 @@ def datasets(quick: bool, sst2_dev: Path) -> list[Dataset]:
 
 
 def train_precision() -> str:
-    """bf16 where this CPU has AVX-512 (oneDNN's bf16 kernels), else fp32.
+    """What ``deepspeed.precision: auto`` picks here: bf16, or fp32 on x86 without AVX-512.
 
     On an AVX2-only CPU PyTorch has no fast bf16 GEMM: a 512x512 bf16 matmul ran at 1.1 GFLOPS
     against 75 for fp32 on one core (AMD EPYC, AVX2, 2026-12-07), so a bf16 run is ~16x slower
     end to end (92 vs 1,500 tokens/s for the `small` preset). Ratios within one run compare
     models trained the same way either way; each section says which precision it used.
     """
-    import torch
+    from bloomray.config.schema import auto_precision
 
-    return "bf16" if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else "fp32"
+    return auto_precision(use_gpu=False)
 
 
 def base_overrides(steps: int) -> list[str]:

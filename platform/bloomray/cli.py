@@ -301,10 +301,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from bloomray.serving.quantize import quantize_w8a8
+    from bloomray.serving.quantize import cpu_int8_caveat, quantize_w8a8
 
     out = quantize_w8a8(args.model, args.output)
     print(f"[quantize] wrote {out}")
+    if caveat := cpu_int8_caveat():
+        print(f"[quantize] note: if you serve it on this machine: {caveat}")
     return 0
 
 

@@ -114,8 +114,11 @@ def run_demo(
         hf_logging.disable_progress_bar()
     start = time.time()
 
-    _banner("1/4 pretrain: small BLOOM on the embedded corpus (Ray Train + DeepSpeed, bf16, compiled)")
     cfg = load_config("tiny-cpu", [*PRETRAIN, *(overrides or [])])
+    _banner(
+        "1/4 pretrain: small BLOOM on the embedded corpus "
+        f"(Ray Train + DeepSpeed, {cfg.deepspeed.precision}, compiled)"
+    )
     with _echo_progress(output / "pretrain" / "logs" / PROGRESS_FILE, enabled=not verbose):
         pre = run_training(cfg, output / "pretrain")
     print(

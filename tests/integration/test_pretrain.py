@@ -24,6 +24,7 @@ TINY = [
     "train.lr=1e-2",
     "data.tokenizer.vocab_size=1024",
     "data.block_size=64",
+    "deepspeed.precision=bf16",  # the flagship path (the preset's auto is fp32 on CPUs without AVX-512)
 ]
 
 

@@ -31,7 +31,7 @@ from bloomray.export.load import load_model
 from bloomray.export.sparse import SPARSE_KEY
 from bloomray.model.build import build_from_config
 from bloomray.model.compact import SPEC_KEY
-from bloomray.serving.quantize import QUANT_TARGETS, QuantizeError, quantize_w8a8
+from bloomray.serving.quantize import QUANT_TARGETS, QuantizeError, cpu_int8_caveat, quantize_w8a8
 
 pytestmark = pytest.mark.integration
 
@@ -48,26 +48,36 @@ N_PROMPTS, NEW_TOKENS = 16, 16
 # forever. Larger block scales make a random model chaotic (many near-tied greedy choices that
 # any rounding flips, bf16 vs fp32 included).
 WEIGHT_STD, EMBED_STD, BIAS_STD = 0.06, 0.15, 0.05
-# Thresholds. Measured here (vLLM 0.29 CPU with bloomray's vLLM plugin, AVX-512 without AMX, so
-# oneDNN int8 GEMMs), W8A8 vs bf16, both served by vLLM; in brackets the same measure for bf16
-# vLLM vs fp32 transformers, i.e. what bf16 rounding alone does to this model:
-#   first generated token equal           16/16   [16/16]
-#   all 16 greedy tokens equal            12/16   [16/16]
-#   mean agreeing prefix                  0.836   [1.000]
-#   teacher-forced top-1 agreement        0.971   [0.979]
-#   |logprob diff| max / mean (nats)  0.199/0.038 [0.070/0.015]
+# Thresholds. Measured (vLLM 0.29 CPU with bloomray's vLLM plugin), W8A8 vs bf16, both served
+# by vLLM; in brackets the same measure for bf16 vLLM vs fp32 transformers, i.e. what bf16
+# rounding alone does to this model. Two CPUs, two int8 GEMMs:
+#                                      AVX-512+VNNI    AVX2, no VNNI (Zen 3)
+#   first generated token equal           16/16           15/16         [16/16]
+#   all 16 greedy tokens equal            12/16            6/16         [16/16]
+#   mean agreeing prefix                  0.836           0.582         [1.000]
+#   teacher-forced top-1 agreement        0.971           0.928         [0.979]
+#   |logprob diff| max / mean (nats)  0.199/0.038     0.441/0.094  [0.070/0.015]
+#   compacted vs dense W8A8: equal     16/16, top-1 1.0  7/16, top-1 0.958, max 0.255
+# Without VNNI oneDNN multiplies with vpmaddubsw, which saturates the int16 sum of each pair of
+# u8 x s8 products (cpu_int8_caveat; reproduced by emulating it): outputs move ~1%, and the
+# pairs, so the result, change when compaction drops zero input features. That is the kernel,
+# not the export, and it is what a user of such a CPU gets; the bounds below are per CPU kind.
 # Free-running greedy decoding of a random model diverges for good at its first near tie, so
 # whole-sequence equality is a weak measure; the teacher-forced agreement (same context in
 # both engines) and the logprobs are the tight ones. The bounds leave room for other CPUs
-# (AMX kernels, other oneDNN paths round differently) and still fail a subtly broken export:
-# with every weight scale 3% too large it measured top-1 0.938 and logprob diffs 0.375 max /
-# 0.083 mean (q/k/v scales in the wrong order: top-1 0.0, logprob diffs 14.7 / 4.8).
-MIN_FIRST_TOKEN_AGREE = 14  # of 16 prompts
-MIN_MEAN_PREFIX = 0.6  # mean fraction of the 16 generated tokens before the first difference
-MIN_TOP1_AGREE = 0.93  # same context, same greedy choice, over all positions
-MAX_LOGPROB_DIFF = 0.35  # nats, largest |logprob diff| over every token (logprobs span ~-16..0)
-MAX_LOGPROB_MEAN_DIFF = 0.06  # nats, mean |logprob diff|
-MAX_COMPACT_LOGPROB_DIFF = 0.1  # nats, compacted vs dense W8A8 (same int8 numbers)
+# (AMX kernels, other oneDNN paths round differently) and still fail a broken export: with
+# every weight scale 3% too large it measured (VNNI) top-1 0.938 and logprob diffs 0.375 max /
+# 0.083 mean; q/k/v scales in the wrong order: top-1 0.0, logprob diffs 14.7 / 4.8 (any CPU).
+NO_VNNI = cpu_int8_caveat() is not None
+MIN_FIRST_TOKEN_AGREE = 13 if NO_VNNI else 14  # of 16 prompts
+MIN_MEAN_PREFIX = 0.45 if NO_VNNI else 0.6  # mean fraction of the 16 tokens before the first difference
+MIN_TOP1_AGREE = 0.89 if NO_VNNI else 0.93  # same context, same greedy choice, over all positions
+MAX_LOGPROB_DIFF = 0.7 if NO_VNNI else 0.35  # nats, largest |logprob diff| over every token (~-16..0)
+MAX_LOGPROB_MEAN_DIFF = 0.14 if NO_VNNI else 0.06  # nats, mean |logprob diff|
+# compacted vs dense W8A8 (the same int8 numbers): prompts all equal, top-1, largest |logprob diff|
+MIN_COMPACT_EQUAL = 4 if NO_VNNI else N_PROMPTS - 2
+MIN_COMPACT_TOP1 = 0.93 if NO_VNNI else 0.98
+MAX_COMPACT_LOGPROB_DIFF = 0.4 if NO_VNNI else 0.1
 ENGINE_ARGS = {"dtype": "bfloat16", "enforce_eager": True, "max_model_len": 256, "seed": 0}
 
 
@@ -310,7 +320,8 @@ def test_vllm_reports_w8a8(served):
 def test_compacted_w8a8_serves_like_dense_w8a8(served):
     """bloomray's vLLM plugin loads the compacted W8A8 copy (scales split per q/k/v shard, heads
     padded): the pruned rows/columns it drops are zeros, so its int8 weights, scales and
-    per-token activation scales equal the dense copy's and only the summation order differs."""
+    per-token activation scales equal the dense copy's and only the summation order differs
+    (which matters without VNNI, where the kernel saturates pairs of products)."""
     dense, compact = served["int8"], served["compact_int8"]
     same = sum(a == b for a, b in zip(dense["tokens"], compact["tokens"], strict=True))
     pairs = [
@@ -327,8 +338,8 @@ def test_compacted_w8a8_serves_like_dense_w8a8(served):
     print(
         f"compacted vs dense W8A8: {same}/{N_PROMPTS} equal, top-1 {top1:.3f}, |logprob diff| max {max(diffs):.4f}"
     )
-    assert same >= N_PROMPTS - 2
-    assert top1 >= 0.98
+    assert same >= MIN_COMPACT_EQUAL
+    assert top1 >= MIN_COMPACT_TOP1
     assert max(diffs) <= MAX_COMPACT_LOGPROB_DIFF
 
 

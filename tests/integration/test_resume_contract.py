@@ -38,6 +38,7 @@ TEN_STEPS = [
     "train.checkpoint_every=5",
     "train.keep_checkpoints=4",  # all of 5, 10, 15, 20 stay
     "output.export=false",
+    "deepspeed.precision=bf16",  # the preset's auto is fp32 on CPUs without AVX-512
 ]
 
 

@@ -17,6 +17,7 @@ from bloomray.config import (
     preset_names,
     resolve_preset,
 )
+from bloomray.config.schema import auto_precision
 
 PRESETS = preset_names()
 # Smallest valid settings: everything else keeps its default.
@@ -54,7 +55,8 @@ def test_cpu_presets_run_on_cpu():
     for name, model in (("tiny-cpu", "small"), ("classify-tiny-cpu", "tiny")):
         cfg = load_config(name)
         assert cfg.scaling.use_gpu is False
-        assert (cfg.deepspeed.precision, cfg.model.preset) == ("bf16", model)  # bf16 runs on CPU
+        # auto: bf16 runs on CPU, fp32 where x86 lacks AVX-512 (bf16 emulated)
+        assert (cfg.deepspeed.precision, cfg.model.preset) == (auto_precision(False), model)
     assert load_config("classify-tiny-cpu").task == "classification"
     assert load_config("tiny-cpu").task == "causal_lm"
 
@@ -315,3 +317,28 @@ def test_assignment_is_validated():
     with pytest.raises(ValueError, match="micro_batch_size"):
         cfg.train.micro_batch_size = 0
     assert cfg.train.micro_batch_size == load_config(None, BASE).train.micro_batch_size  # left unchanged
+
+
+def test_auto_precision_is_fp32_only_on_cpus_that_emulate_bf16(monkeypatch):
+    from bloomray.config import schema
+
+    base = [*BASE, "deepspeed.precision=auto"]
+    monkeypatch.setattr(schema, "emulates_bf16", lambda: True)
+    assert load_config(None, base).deepspeed.precision == "fp32"
+    assert load_config(None, [*base, "scaling.use_gpu=true"]).deepspeed.precision == "bf16"
+    assert load_config(None, [*BASE, "deepspeed.precision=bf16"]).deepspeed.precision == "bf16"  # asked for
+    monkeypatch.setattr(schema, "emulates_bf16", lambda: False)
+    assert load_config(None, base).deepspeed.precision == "bf16"
+    # resolved once: the dumped config (what a run records and a resume reloads) is concrete
+    assert load_config(None, base).model_dump()["deepspeed"]["precision"] == "bf16"
+
+
+@pytest.mark.parametrize(
+    ("flags", "emulated"),
+    [("fpu avx avx2 fma", True), ("fpu avx2 avx512f avx512bw", False), ("", False), ("fp asimd", False)],
+    ids=["avx2-only", "avx512", "unknown", "arm"],
+)
+def test_which_cpus_emulate_bf16(flags, emulated):
+    from bloomray.cpu import cpu_flags, emulates_bf16
+
+    assert emulates_bf16(cpu_flags(f"processor\t: 0\nflags\t\t: {flags}\n")) is emulated

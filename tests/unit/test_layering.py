@@ -2,7 +2,7 @@
 stage that comes after its own), and long modules say why they are one unit.
 
 config -> data -> model -> prune -> train -> export -> tune -> serving -> cli, with the shared
-helpers (``errors``, ``files``, ``raycluster``) at the bottom. Read from the source (AST), so a
+helpers (``errors``, ``files``, ``raycluster``, ``cpu``) at the bottom. Read from the source (AST), so a
 lazy import inside a function counts as much as a top-level one.
 """
 
@@ -21,6 +21,7 @@ STAGES = {
     "errors": 0,
     "files": 0,
     "raycluster": 0,
+    "cpu": 0,
     "config": 1,
     "data": 2,
     "model": 3,

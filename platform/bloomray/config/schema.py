@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from bloomray.cpu import emulates_bf16
 from bloomray.errors import EXIT_USAGE, BloomrayError
 
 
@@ -125,7 +126,11 @@ class TrainConfig(_Section):
 
 class DeepSpeedConfig(_Section):
     zero_stage: Literal[0, 1, 2, 3] = 2
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    # auto: bf16 on GPUs and on CPUs with AVX-512 (or not x86); fp32 on x86 CPUs without
+    # AVX-512, which emulate bf16 GEMMs ~65x below their fp32 rate (training ~16x slower).
+    # Resolved when the config is loaded, on that machine; the run records the result, so a
+    # resume keeps it. The CPU presets use it.
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "bf16"
     # auto: cpu_adam (DeepSpeedCPUAdam) where the optimizer runs on the CPU (CPU workers,
     # ZeRO-Offload), adamw (torch AdamW) on GPU; chosen in train.engine.build_optimizer.
     optimizer: Literal["auto", "adamw", "cpu_adam", "fused_adam"] = "auto"
@@ -352,6 +357,8 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Config:
+        if self.deepspeed.precision == "auto":
+            self.deepspeed.precision = auto_precision(self.scaling.use_gpu)
         check_combinations(self)
         return self
 
@@ -375,6 +382,11 @@ class Config(_Section):
                 )
             world_size = s.num_workers
         return t.global_batch_size // (t.micro_batch_size * world_size)
+
+
+def auto_precision(use_gpu: bool) -> Literal["bf16", "fp32"]:
+    """What ``deepspeed.precision: auto`` means on this machine (see DeepSpeedConfig)."""
+    return "fp32" if not use_gpu and emulates_bf16() else "bf16"
 
 
 def check_combinations(cfg: Config) -> None:

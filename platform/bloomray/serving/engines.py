@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ from safetensors import safe_open
 
 from bloomray.config import CPU_HEAD_SIZES, ConfigError
 from bloomray.serving.options import ServeOptions
+
+log = logging.getLogger(__name__)
 
 W8A8_DIR = "vllm-w8a8"  # where the int8 copy is cached (inside the served dir)
 TOKENIZER_FILES = (
@@ -86,9 +89,14 @@ def w8a8_copy(path: str) -> str:
 def engine_source(meta: dict[str, Any], opts: ServeOptions) -> str:
     """What vLLM loads for an inspected causal-LM dir: dense (sparse expanded), int8 if asked."""
     from bloomray.export.load import dense_copy
+    from bloomray.serving.quantize import cpu_int8_caveat
 
     path = dense_copy(meta["path"]) if meta["sparse"] else meta["path"]
-    return w8a8_copy(path) if opts.quantize == "w8a8" else path
+    if opts.quantize != "w8a8":
+        return path
+    if not use_gpu(opts) and (caveat := cpu_int8_caveat()):
+        log.warning("quantize w8a8: %s", caveat)
+    return w8a8_copy(path)
 
 
 def use_gpu(opts: ServeOptions) -> bool:

@@ -15,7 +15,10 @@ What is written (checked against vLLM 0.29's ``CompressedTensorsConfig`` and
   against its ``*ParallelLinear`` layers by class name.
 
 On vLLM's CPU backend the scheme runs on oneDNN int8 GEMMs (``CPUInt8ScaledMMLinearKernel``;
-the AMX "sgl" kernel where the CPU has AMX).
+the AMX "sgl" kernel where the CPU has AMX). Without VNNI (AVX2-only x86, e.g. AMD Zen 3) those
+GEMMs multiply with ``vpmaddubsw``, which saturates the int16 sum of each pair of u8 x s8
+products: a few products in 10^4 are clipped, outputs move ~1% (8x bf16 rounding) and depend
+on the order of the input features; :func:`cpu_int8_caveat` says so where it applies.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from bloomray.cpu import cpu_flags, lacks_vnni
 from bloomray.errors import EXIT_USAGE, BloomrayError
 from bloomray.export.load import load_model
 from bloomray.export.sparse import SPARSE_KEY
@@ -189,6 +193,20 @@ or `bloomray serve --model DIR`.{compact_note} transformers loads it only with t
 `compressed-tensors` package installed, and dequantizes it (no speed-up); for transformers use the
 unquantized source `{src.name}`.
 {source_card}"""
+
+
+def cpu_int8_caveat(cpuinfo: str | None = None) -> str | None:
+    """Why W8A8 on this x86 CPU is less accurate than elsewhere, or None (VNNI, AMX, not x86).
+
+    ``cpuinfo``: the text of ``/proc/cpuinfo`` (this machine's when None).
+    """
+    if not lacks_vnni(cpu_flags(cpuinfo)):
+        return None
+    return (
+        "this CPU has no VNNI (avx512_vnni/avx_vnni): vLLM's oneDNN int8 GEMMs saturate int16 pair sums "
+        "here, so W8A8 output drifts from bf16 about 2.5x more than on a VNNI CPU; serve the bf16 export "
+        "where accuracy matters, or int8 on a CPU with VNNI/AMX or a GPU (fp8)"
+    )
 
 
 def quantize_w8a8(src_dir: str | Path, out_dir: str | Path) -> Path:
