@@ -20,6 +20,7 @@ from ray import serve
 from safetensors import safe_open
 
 from bloomray.config import CPU_HEAD_SIZES, ConfigError
+from bloomray.cpu import emulates_bf16
 from bloomray.serving.options import ServeOptions
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,15 @@ def engine_source(meta: dict[str, Any], opts: ServeOptions) -> str:
     return w8a8_copy(path)
 
 
+def engine_dtype(opts: ServeOptions, gpu: bool) -> str:
+    """vLLM's dtype: as asked; ``auto`` is float32 on x86 CPUs without AVX-512 (bf16 GEMMs are
+    emulated there, ~65x below fp32; vLLM's auto would pick bf16 for an fp32 model) unless
+    int8 (the W8A8 kernels keep vLLM's choice), else vLLM's own choice from the model."""
+    if opts.dtype == "auto" and not gpu and opts.quantize == "none" and emulates_bf16():
+        return "float32"
+    return opts.dtype
+
+
 def use_gpu(opts: ServeOptions) -> bool:
     if opts.device != "auto":
         return opts.device == "gpu"
@@ -133,7 +143,7 @@ def llm_deployment(
             f"({', '.join(map(str, CPU_HEAD_SIZES))}); train a shape with one of them (hidden_size / n_head)"
         )
     engine_kwargs: dict[str, Any] = {
-        "dtype": opts.dtype,
+        "dtype": engine_dtype(opts, gpu),
         "max_model_len": opts.max_context,
         "max_num_seqs": opts.max_num_seqs,
         "enforce_eager": not gpu,  # CPU: no graph capture / compile step at start

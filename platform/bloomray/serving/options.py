@@ -18,7 +18,9 @@ class ServeOptions:
     not HTTP requests.
     """
 
-    dtype: str = "auto"  # engine dtype (auto: vLLM picks from the model; float32 for exact comparisons)
+    # engine dtype (auto: vLLM picks from the model, but float32 on x86 CPUs without AVX-512,
+    # where bf16 is emulated; float32 for exact comparisons)
+    dtype: str = "auto"
     quantize: str = "none"  # w8a8: serve an int8 (compressed-tensors) copy, written once next to the model
     device: str = "auto"  # auto: GPU when the Ray cluster has GPUs, else CPU
     max_context: int = 2048  # prompt + completion tokens (vLLM max_model_len)

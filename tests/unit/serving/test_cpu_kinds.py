@@ -1,4 +1,5 @@
-"""Where W8A8 on a CPU is less accurate: x86 without VNNI (oneDNN's int8 GEMMs saturate there)."""
+"""What serving does by CPU kind: W8A8 is less accurate on x86 without VNNI (oneDNN's int8 GEMMs
+saturate there); the engine's auto dtype is float32 where bf16 is emulated (x86 without AVX-512)."""
 
 from __future__ import annotations
 
@@ -31,3 +32,16 @@ def test_reads_this_machines_cpuinfo():
     except OSError:
         text = ""
     assert cpu_int8_caveat() == cpu_int8_caveat(text)
+
+
+def test_auto_engine_dtype_is_float32_where_bf16_is_emulated(monkeypatch):
+    from bloomray.serving import engines
+    from bloomray.serving.options import ServeOptions
+
+    monkeypatch.setattr(engines, "emulates_bf16", lambda: True)
+    assert engines.engine_dtype(ServeOptions(), gpu=False) == "float32"
+    assert engines.engine_dtype(ServeOptions(), gpu=True) == "auto"  # a GPU: vLLM's choice
+    assert engines.engine_dtype(ServeOptions(dtype="bfloat16"), gpu=False) == "bfloat16"  # asked for
+    assert engines.engine_dtype(ServeOptions(quantize="w8a8"), gpu=False) == "auto"  # int8 kernels' choice
+    monkeypatch.setattr(engines, "emulates_bf16", lambda: False)
+    assert engines.engine_dtype(ServeOptions(), gpu=False) == "auto"
