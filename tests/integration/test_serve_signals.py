@@ -60,7 +60,7 @@ class Serving:
         for t in self._readers:
             t.start()
 
-    def wait_listening(self, timeout: float = 120) -> None:
+    def wait_listening(self, timeout: float = 300) -> None:
         """Until /healthz answers 200 and the CLI said it is listening (fails with stderr's tail)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and self.proc.poll() is None:
@@ -74,7 +74,7 @@ class Serving:
         self.proc.kill()
         pytest.fail(f"bloomray serve did not come up (rc {self.proc.poll()}):\n{''.join(self.err)[-3000:]}")
 
-    def wait_stderr(self, text: str, timeout: float = 120) -> None:
+    def wait_stderr(self, text: str, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
         while not any(text in line for line in self.err) and self.proc.poll() is None:
             if time.monotonic() > deadline:
@@ -116,18 +116,17 @@ def assert_clean(err: str, ray_procs: list[psutil.Process]) -> None:
     assert not _alive(ray_procs), f"left running after exit: {_alive(ray_procs)}"
 
 
-@pytest.mark.parametrize(
-    ("sig", "group"),
-    [(signal.SIGTERM, False), (signal.SIGINT, True)],
-    ids=["SIGTERM-to-the-cli", "SIGINT-to-its-group (Ctrl-C)"],
-)
-def test_serve_exits_0_on_a_signal_and_shuts_ray_down(classifier, tmp_path, sig, group):
+def test_serve_exits_0_on_ctrl_c_to_its_group_and_shuts_ray_down(classifier, tmp_path):
+    """Ctrl-C reaches the CLI and every Ray process of its group at once. SIGTERM to the CLI
+    alone takes the same handler (``serve_forever`` sets one for both); SIGTERM is tested
+    during the start-up below, where the CLI handles it apart (each case starts its own Ray,
+    ~100 s on 2 busy cores, so the fourth combination is left out)."""
     server = Serving(classifier, tmp_path)
     server.wait_listening()
     ray_procs = psutil.Process(server.proc.pid).children(recursive=True)
     names = " ".join(" ".join(p.cmdline()) for p in ray_procs)
     assert "raylet" in names and "ServeController" in names, names  # its own Ray, with Serve
-    code, out, err = server.stop(sig, group)
+    code, out, err = server.stop(signal.SIGINT, group=True)
     assert code == 0, f"exit code {code}:\n{err[-3000:]}"
     assert "[serve] shutting down" in out
     assert_clean(err, ray_procs)

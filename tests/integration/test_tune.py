@@ -34,7 +34,8 @@ SMALL_SEARCH = [
     "tune.search=grid",
     "tune.grace_period=3",
     "train.max_failures=0",
-    "tune.max_concurrent_trials=2",  # 2 trials x 2 workers at a time: Ray's start-up overlaps
+    "tune.max_concurrent_trials=2",  # 2 trials at a time: Ray's start-ups overlap
+    "scaling.num_workers=1",  # the search is tested, not the trial (2-worker runs: everywhere else)
     # Four trials: two sparsities x two global batches. 65536 blocks per step is more than the
     # corpus holds, which only the trial can find out (it depends on the data), so those two
     # trials fail on every attempt, are retried, then reported.
