@@ -40,27 +40,29 @@ def ensure_local_ray() -> None:
         )
 
 
-# The slowest files (seconds alone on 2 cores, 2026-12-04), run first: `make test` hands whole
-# files to two pytest-xdist workers in collection order (--no-loadscope-reorder), so the long
-# ones start early and the many short ones fill in at the end; the rest keep their order.
+# The slowest files (seconds in a full `make test`, AVX2-only 2-core box, 2026-12-07), run
+# first: `make test` hands whole files to two pytest-xdist workers in collection order
+# (--no-loadscope-reorder), so the long ones start early and the many short ones fill in at
+# the end; the rest keep their order.
 SLOWEST_FIRST = (
-    "test_serve.py",  # 297
-    "test_elastic_resume.py",  # ~215 (ZeRO-3 elastic and ZeRO-1 bf16 cases, 2026-12-06)
-    "test_tune.py",  # 261
-    "test_distill_recovery.py",  # ~200 (three cases since 2026-12-04)
-    "test_big_vocab.py",  # 170
-    "test_fault_tolerance.py",  # 144
-    "test_prune_train.py",  # 131
-    "test_sft.py",  # 124
-    "test_quantize_vllm.py",  # 116
-    "test_finetune.py",  # 112
-    "test_serve_signals.py",  # 90
-    "test_resume_contract.py",  # 108
-    "test_s3_storage.py",  # 59
-    "test_engine_latency.py",  # 60
-    "test_vllm_models.py",  # 54
-    "test_checkpoint_state.py",  # 40
-    "test_pretrain.py",  # 35
+    "test_serve.py",  # 585
+    "test_tune.py",  # 458
+    "test_elastic_resume.py",  # 298
+    "test_big_vocab.py",  # 286
+    "test_distill_recovery.py",  # 267
+    "test_sft.py",  # 263
+    "test_fault_tolerance.py",  # 251
+    "test_serve_signals.py",  # 185
+    "test_prune_train.py",  # 166
+    "test_resume_contract.py",  # 139
+    "test_s3_storage.py",  # 128
+    "test_finetune.py",  # ~100 (132 before its LoRA base became a saved dir)
+    "test_quantize_vllm.py",  # 101
+    "test_vllm_models.py",  # 78
+    "test_pretrain.py",  # 64
+    "test_checkpoint_state.py",  # 33
+    "test_rayservice_serve_build.py",  # 29
+    "test_engine_latency.py",  # 26
 )
 
 

@@ -91,20 +91,24 @@ def test_bad_rows_fail_mode_stops_before_training(tmp_path):
 
 def test_lora_finetune_from_pretrained_dir_zero3(tmp_path, ray_local):
     # Continued training of an existing model dir, with LoRA adapters, ZeRO-3 and
-    # activation checkpointing: the export merges the adapters into a plain HF model.
+    # activation checkpointing: the export merges the adapters into a plain HF model. The dir
+    # is a causal LM of the tiny shape with its tokenizer, as save_pretrained writes one (a
+    # pretraining run's export is the same files; test_sft continues from one of those).
+    from bloomray.data.corpus import embedded_documents
+    from bloomray.data.tokenizer import train_tokenizer
+    from bloomray.model.build import build_from_config, preset_config
+
     base = tmp_path / "base"
-    pre = load_config(
-        "tiny-cpu",
-        [
-            "model.preset=tiny",
-            "train.max_steps=2",
-            "train.checkpoint_every=2",
-            "train.eval_every=2",
-            "data.tokenizer.vocab_size=512",
-            "data.block_size=32",
-        ],
+    tok = train_tokenizer(embedded_documents()[:30], 512)
+    special = {
+        "pad_token_id": tok.pad_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "bos_token_id": tok.bos_token_id,
+    }
+    build_from_config("causal_lm", preset_config("tiny", len(tok), **special), seed=0).save_pretrained(
+        base / "model"
     )
-    run_training(pre, base)
+    tok.save_pretrained(base / "model")
     data = tmp_path / "reviews.tsv"
     write_reviews(data, n=160)
     cfg = load_config(

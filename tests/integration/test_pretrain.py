@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from bloomray.cli import main as cli_main
 from bloomray.config import load_config
 from bloomray.export.run import run_training
+from bloomray.train.engine import compute_dtype
 
 pytestmark = pytest.mark.integration
 
@@ -100,7 +101,10 @@ def test_export_reloads_with_matching_logits(pretrained):
     out, summary = pretrained
     assert summary["export_max_abs_logit_diff"] is not None
     assert summary["export_max_abs_logit_diff"] <= 1e-2
-    model = AutoModelForCausalLM.from_pretrained(str(out / "model"), dtype=torch.bfloat16).eval()
+    # in the run's compute dtype (the preset's auto: bf16, or fp32 where bf16 is emulated), as
+    # the probe's logits were taken
+    dtype = compute_dtype(load_config("tiny-cpu", TINY))
+    model = AutoModelForCausalLM.from_pretrained(str(out / "model"), dtype=dtype).eval()
     tok = AutoTokenizer.from_pretrained(str(out / "model"))
     probe = torch.load(Path(summary["checkpoint"]) / "probe.pt")
     with torch.no_grad():
