@@ -110,10 +110,12 @@ def make_tiny_dir(path: Path, task: str = "causal_lm") -> Path:
     return path
 
 
-def post(url: str, path: str, body: Any, headers: dict[str, str] = HDR) -> httpx.Response:
+def post(
+    url: str, path: str, body: Any, headers: dict[str, str] = HDR, timeout: float = 120
+) -> httpx.Response:
     data = body if isinstance(body, (bytes, str)) else json.dumps(body)
     return httpx.post(
-        f"{url}{path}", content=data, headers={**headers, "content-type": "application/json"}, timeout=120
+        f"{url}{path}", content=data, headers={**headers, "content-type": "application/json"}, timeout=timeout
     )
 
 

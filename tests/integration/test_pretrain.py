@@ -16,6 +16,7 @@ from bloomray.cli import main as cli_main
 from bloomray.config import load_config
 from bloomray.export.run import run_training
 from bloomray.train.engine import compute_dtype
+from bloomray.train.run import resume_config
 
 pytestmark = pytest.mark.integration
 
@@ -101,9 +102,9 @@ def test_export_reloads_with_matching_logits(pretrained):
     out, summary = pretrained
     assert summary["export_max_abs_logit_diff"] is not None
     assert summary["export_max_abs_logit_diff"] <= 1e-2
-    # in the run's compute dtype (the preset's auto: bf16, or fp32 where bf16 is emulated), as
-    # the probe's logits were taken
-    dtype = compute_dtype(load_config("tiny-cpu", TINY))
+    # in the compute dtype the run recorded (the preset's auto: bf16, or fp32 where bf16 is
+    # emulated), as the probe's logits were taken
+    dtype = compute_dtype(resume_config(out, []))
     model = AutoModelForCausalLM.from_pretrained(str(out / "model"), dtype=dtype).eval()
     tok = AutoTokenizer.from_pretrained(str(out / "model"))
     probe = torch.load(Path(summary["checkpoint"]) / "probe.pt")
