@@ -12,10 +12,12 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import psutil
 import pytest
+import yaml
 from serve_helpers import (
     HDR,
     KEY,
@@ -30,7 +32,7 @@ from serve_helpers import (
 
 from bloomray.config import ConfigError
 from bloomray.raycluster import free_port
-from bloomray.serving.run import start_server
+from bloomray.serving.run import DEFAULT_CONFIG, start_server
 
 pytestmark = pytest.mark.integration
 MAX_TOKENS_LIMIT = 1024
@@ -56,7 +58,19 @@ def model_dirs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(model_dirs, ray_local, tmp_path_factory):
+def serve_config(tmp_path_factory) -> Path:
+    """The shipped Serve config with Serve's own proxy limit (120 s) at 900 s: the autoscale
+    test holds requests in a frozen engine for as long as a second replica takes to start on a
+    saturated box. The app's own 504 (``request_timeout_s``) is what the tests check."""
+    cfg = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    cfg["http_options"]["request_timeout_s"] = 900
+    path = tmp_path_factory.mktemp("serve") / "serve.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(model_dirs, ray_local, serve_config, tmp_path_factory):
     from ray import serve
 
     from bloomray.serving.auth import write_key_file
@@ -71,6 +85,7 @@ def server(model_dirs, ray_local, tmp_path_factory):
                 "compact": str(model_dirs["compact"]),
                 "clf": str(model_dirs["clf"]),
             },
+            config=serve_config,
             port=free_port(),
             overrides=SERVER,
         )
@@ -490,7 +505,7 @@ def _engine_frozen(replica_pid: int):
             proc.resume()
 
 
-def test_autoscale_up_sigkill_a_replica_under_load_then_down(server, model_dirs):
+def test_autoscale_up_sigkill_a_replica_under_load_then_down(server, serve_config, model_dirs):
     """Engines scale 1 -> 2 on ongoing requests; a SIGKILLed engine replica loses no request
     (client retry policy above) and is replaced; the deployment scales back to 1 when idle."""
     import signal
@@ -500,6 +515,7 @@ def test_autoscale_up_sigkill_a_replica_under_load_then_down(server, model_dirs)
     serve.delete("bloomray")  # free the test Ray's logical CPUs for two engine replicas
     url = start_server(
         {"tiny": str(model_dirs["lm"])},
+        config=serve_config,
         port=int(server.rsplit(":", 1)[1]),  # Serve's proxy is already up on this port
         name="auto",
         overrides={

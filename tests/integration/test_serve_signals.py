@@ -75,11 +75,14 @@ class Serving:
         pytest.fail(f"bloomray serve did not come up (rc {self.proc.poll()}):\n{''.join(self.err)[-3000:]}")
 
     def wait_stderr(self, text: str, timeout: float = 300) -> None:
+        """Until TEXT is on stderr (fails with stderr's tail if the CLI exits or times out)."""
         deadline = time.monotonic() + timeout
-        while not any(text in line for line in self.err) and self.proc.poll() is None:
-            if time.monotonic() > deadline:
+        while not any(text in line for line in self.err):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.proc.kill()
-                pytest.fail(f"no {text!r} on stderr:\n{''.join(self.err)[-3000:]}")
+                for t in self._readers:
+                    t.join(timeout=10)
+                pytest.fail(f"no {text!r} on stderr (rc {self.proc.poll()}):\n{''.join(self.err)[-3000:]}")
             time.sleep(0.05)
 
     def stop(self, sig: int, group: bool, timeout: float = 60) -> tuple[int, str, str]:

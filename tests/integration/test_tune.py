@@ -36,11 +36,12 @@ SMALL_SEARCH = [
     "train.max_failures=0",
     "tune.max_concurrent_trials=2",  # 2 trials at a time: Ray's start-ups overlap
     "scaling.num_workers=1",  # the search is tested, not the trial (2-worker runs: everywhere else)
-    # Four trials: two sparsities x two global batches. 65536 blocks per step is more than the
-    # corpus holds, which only the trial can find out (it depends on the data), so those two
-    # trials fail on every attempt, are retried, then reported.
+    "prune.final_sparsity=0.75",
+    # Two trials, two global batches. 65536 blocks per step is more than the corpus holds,
+    # which only the trial can find out (it depends on the data), so that trial fails on every
+    # attempt, is retried, then reported. (Choosing among several finished trials: the
+    # resume and NSGA-II searches below.)
     "tune.space={train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-2}, "
-    "prune.final_sparsity: {type: grid, values: [0.25, 0.75]}, "
     "train.global_batch_size: {type: grid, values: [16, 65536]}}",
 ]
 
@@ -57,8 +58,8 @@ def test_search_writes_every_output(search):
     for name in ("trials.csv", "pareto.png", "lr_vs_quality.png", "summary.json", "winner/README.md"):
         assert (out / name).exists(), name
     rows = list(csv.DictReader((out / "trials.csv").open()))
-    assert len(rows) == 4
-    assert {r["status"] for r in rows} <= {"COMPLETED", "STOPPED_EARLY", "ERROR"}
+    assert len(rows) == 2
+    assert {r["status"] for r in rows} == {"COMPLETED", "ERROR"}
     assert sum(r["winner"] == "True" for r in rows) == 1
     assert json.loads((out / "summary.json").read_text())["winner_dir"] == str(out / "winner")
 
@@ -67,12 +68,12 @@ def test_failed_trials_are_retried_and_reported(search):
     out, summary = search
     rows = list(csv.DictReader((out / "trials.csv").open()))
     failed = [r for r in rows if r["status"] == "ERROR"]
-    assert len(failed) == 2
+    assert len(failed) == 1
     assert all(r["train.global_batch_size"] == "65536" for r in failed)
     assert all(int(r["attempts"]) == 2 for r in failed)  # first try + tune.max_failures=1 retry
     assert all("global_batch_size" in r["error"] for r in failed)
     assert {f["trial_id"] for f in summary["failed"]} == {r["trial_id"] for r in failed}
-    assert summary["completed"] + summary["stopped_early"] == 2
+    assert summary["completed"] == 1 and summary["stopped_early"] == 0
 
 
 def test_winner_is_a_smaller_faster_servable_model(search):
