@@ -77,17 +77,52 @@ def own_api_server(port: int) -> Iterator[None]:
             os.environ[API_SERVER_ENV] = old
 
 
+# What ``ray.init`` raises when the local node it started never registered. On a saturated
+# box the usual cause is Ray's raylet aborting after a fixed 15 s wait for its dashboard agent's
+# port files (raylet.err: "WaitForDashboardAgentPorts", ray-project/ray#65983); the agent is
+# just slow to import, and a second start finds it warm.
+NODE_START_TIMEOUT = "timed out during startup"
+LOCAL_RAY_ATTEMPTS = 2
+log = logging.getLogger(__name__)
+
+
 def start_local_ray(**kwargs: Any) -> None:
     """``ray.init`` of a new local Ray with the Serve settings and its own State API address.
 
     Always a new one (``address="local"``): without an address ``ray.init`` would join any
     Ray another process on this machine started (``ray start``, a test cluster) and then
-    refuse ``num_cpus``."""
+    refuse ``num_cpus``. A node that timed out during start-up (see ``NODE_START_TIMEOUT``)
+    is killed and started once more; any other error is raised at once."""
     kwargs.setdefault("address", "local")
     apply_serve_env()  # a cluster's nodes get SERVE_ENV from its config (cluster.yaml, deploy/)
-    port = kwargs.setdefault("dashboard_port", free_port())
-    with own_api_server(port):
-        ray.init(**kwargs)
+    fixed_port = "dashboard_port" in kwargs
+    for attempt in range(1, LOCAL_RAY_ATTEMPTS + 1):
+        port = kwargs["dashboard_port"] if fixed_port else free_port()
+        before = {p.pid for p in psutil.Process().children(recursive=True)}
+        try:
+            with own_api_server(port):
+                ray.init(**{**kwargs, "dashboard_port": port})
+            return
+        except Exception as e:
+            if attempt == LOCAL_RAY_ATTEMPTS or NODE_START_TIMEOUT not in str(e):
+                raise
+            _kill_new_children(before)
+            log.warning(
+                "the local Ray node did not come up (%s); its processes are stopped and it is "
+                "started once more (see /tmp/ray/session_latest/logs/raylet.err)",
+                e,
+            )
+
+
+def _kill_new_children(before: set[int]) -> None:
+    """SIGKILL this process's descendants not in BEFORE (a half-started node) and reap them."""
+    new = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    for proc in new:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(new, timeout=10)
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: Any) -> None:
