@@ -136,6 +136,26 @@ def test_models_health_and_classify(server):
     assert bad.status_code == 400 and "classifier" in bad.json()["error"]["message"]
 
 
+def _titles(pid: int) -> list[str]:
+    """The process titles under ``pid`` (vLLM names its processes ``VLLM::EngineCore``, ``VLLM::Worker``)."""
+    titles = []
+    for proc in psutil.Process(pid).children(recursive=True):
+        try:
+            titles.append(" ".join(proc.cmdline()))
+        except psutil.NoSuchProcess:
+            pass
+    return titles
+
+
+def test_each_engine_runs_its_model_in_its_engine_core(server):
+    """Ray Serve LLM would give a CPU engine an executor worker process; bloomray's engine class
+    (serving/vllm_engine.py) runs a one-worker engine's model in the engine core, as `vllm serve` does."""
+    under = {pid: _titles(pid) for pid in replica_pids("bloomray", "")}
+    engines = [t for titles in under.values() for t in titles if t.startswith("VLLM::EngineCore")]
+    workers = [t for titles in under.values() for t in titles if t.startswith("VLLM::Worker")]
+    assert len(engines) == 2 and not workers, under  # tiny and compact
+
+
 @pytest.mark.parametrize("model", ["tiny", "compact"])
 def test_concurrent_mixed_requests_match_transformers_greedy(server, model_dirs, model):
     """Greedy requests batched with sampled ones (other temperatures, top_p, seeds, stops)
@@ -489,7 +509,7 @@ def _load(url: str, seconds: float, until=None, clients: int = 3) -> list[httpx.
 
 @contextmanager
 def _engine_frozen(replica_pid: int):
-    """SIGSTOP the vLLM engine core (and its executor worker) under one replica, SIGCONT on exit.
+    """SIGSTOP the vLLM engine core (the model runs in it) under one replica, SIGCONT on exit.
 
     The replica keeps accepting and counting requests (they wait in the engine's queue), while
     the box's CPU goes elsewhere: on 2 cores a second engine starting beside a decoding one took

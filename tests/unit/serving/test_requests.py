@@ -6,6 +6,7 @@ import json
 import stat
 
 import pytest
+import torch
 from pydantic import ValidationError
 
 from bloomray.config import ConfigError
@@ -117,3 +118,23 @@ def test_cpu_engine_refuses_a_head_size_vllm_cannot_run(tmp_path):
             "m", inspect_model_dir("m", str(tmp_path)), ServeOptions(device="cpu", quantize="w8a8")
         )
     assert not (tmp_path / "vllm-w8a8").exists(), "no int8 copy written before the check"
+
+
+def test_cpu_engine_gets_its_cores_threads_and_one_process_engine_class(tmp_path):
+    """The replica's env: OpenMP threads = the engine's CPUs (Ray would set 1 in a replica that
+    asks for no CPUs, and the engine core inherits it), bound to those cores, and bloomray's
+    engine class (the model in the engine core, no executor worker process)."""
+    from safetensors.torch import save_file
+
+    from bloomray.serving.engines import llm_deployment
+    from bloomray.serving.vllm_engine import ENGINE_CLS_ENV
+
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 96, "n_head": 3}))  # head size 32
+    (tmp_path / "tokenizer.json").write_text("{}")
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
+    app = llm_deployment(
+        "m", inspect_model_dir("m", str(tmp_path)), ServeOptions(device="cpu", cpus_per_engine=3)
+    )
+    env = app._bound_deployment.ray_actor_options["runtime_env"]["env_vars"]
+    assert env["OMP_NUM_THREADS"] == "3" and env["VLLM_CPU_OMP_THREADS_BIND"] == "0-2"
+    assert {k: env[k] for k in ENGINE_CLS_ENV} == ENGINE_CLS_ENV
