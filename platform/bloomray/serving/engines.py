@@ -25,6 +25,9 @@ from bloomray.serving.options import ServeOptions
 
 log = logging.getLogger(__name__)
 
+# Ray Serve LLM's switch for the engine class: bloomray's runs a one-worker CPU engine's model in
+# the engine core (serving/vllm_engine.py; named by path, so the driver does not import vLLM).
+ENGINE_CLS_ENV = {"RAYLLM_VLLM_ENGINE_CLS": "bloomray.serving.vllm_engine:OneProcessVLLMEngine"}
 W8A8_DIR = "vllm-w8a8"  # where the int8 copy is cached (inside the served dir)
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -134,8 +137,6 @@ def llm_deployment(
             engine), bound with ``bind_kwargs`` and given ``env_vars`` too.
     """
     from ray.serve.llm import LLMConfig, build_llm_deployment
-
-    from bloomray.serving.vllm_engine import ENGINE_CLS_ENV
 
     gpu = use_gpu(opts)
     head_size = meta["head_size"]

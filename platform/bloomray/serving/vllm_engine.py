@@ -7,8 +7,8 @@ On a replica with few cores that polling takes CPU from the model's threads. ``v
 with one worker uses the ``uni`` executor (the worker inside the engine core), so that is what
 this engine gives a one-worker CPU engine; GPU engines and multi-worker engines keep Ray's choice.
 
-Deployments name it with ``RAYLLM_VLLM_ENGINE_CLS`` (:data:`ENGINE_CLS_ENV`), Ray Serve LLM's
-own switch for the engine class.
+Deployments name it with ``RAYLLM_VLLM_ENGINE_CLS`` (``engines.ENGINE_CLS_ENV``), Ray Serve
+LLM's own switch for the engine class.
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ from __future__ import annotations
 from typing import Any
 
 from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
-
-ENGINE_CLS_ENV = {"RAYLLM_VLLM_ENGINE_CLS": "bloomray.serving.vllm_engine:OneProcessVLLMEngine"}
 
 
 def one_process_executor(vllm_config: Any) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import stat
 
@@ -126,8 +127,7 @@ def test_cpu_engine_gets_its_cores_threads_and_one_process_engine_class(tmp_path
     engine class (the model in the engine core, no executor worker process)."""
     from safetensors.torch import save_file
 
-    from bloomray.serving.engines import llm_deployment
-    from bloomray.serving.vllm_engine import ENGINE_CLS_ENV
+    from bloomray.serving.engines import ENGINE_CLS_ENV, llm_deployment
 
     (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 96, "n_head": 3}))  # head size 32
     (tmp_path / "tokenizer.json").write_text("{}")
@@ -138,3 +138,5 @@ def test_cpu_engine_gets_its_cores_threads_and_one_process_engine_class(tmp_path
     env = app._bound_deployment.ray_actor_options["runtime_env"]["env_vars"]
     assert env["OMP_NUM_THREADS"] == "3" and env["VLLM_CPU_OMP_THREADS_BIND"] == "0-2"
     assert {k: env[k] for k in ENGINE_CLS_ENV} == ENGINE_CLS_ENV
+    module, cls = ENGINE_CLS_ENV["RAYLLM_VLLM_ENGINE_CLS"].split(":")
+    assert getattr(importlib.import_module(module), cls).__name__ == cls  # the path imports
