@@ -23,10 +23,13 @@ $(STAMP): pyproject.toml constraints.txt
 	# PyPI's torchvision/torchaudio/torchcodec (pulled by vLLM) are CUDA builds: beside torch+cpu they
 	# break `import vllm` ("operator torchvision::nms does not exist"). bloomray needs none of them.
 	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
-	# DeepSpeed's CPU Adam (the optimizer on CPU workers) is a C++ op built on first use; build it
-	# once here (cached in ~/.cache/torch_extensions) instead of inside the first run or test.
-	$(BIN)/python -c "from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('CPUAdamBuilder').load()" \
+	# DeepSpeed's CPU Adam (the optimizer on CPU workers) and its CPU shm all-reduce (loaded by every
+	# CPU training run) are C++ ops built on first use; build them once here (in this environment's
+	# own extension cache, see platform/bloomray/__init__.py) instead of inside the first run or test.
+	$(BIN)/python -c "import bloomray; from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('CPUAdamBuilder').load()" \
 		|| echo "warning: DeepSpeed CPU Adam did not build (no C++ compiler?); CPU runs fall back to torch AdamW"
+	$(BIN)/python -c "import bloomray; from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('ShareMemCommBuilder').load()" \
+		|| echo "warning: DeepSpeed's CPU shm all-reduce did not build (no C++ compiler?)"
 	touch $@
 
 demo: setup
