@@ -156,6 +156,15 @@ def test_each_engine_runs_its_model_in_its_engine_core(server):
     assert len(engines) == 2 and not workers, under  # tiny and compact
 
 
+def test_local_model_dirs_start_no_node_init_task(server):
+    """Ray Serve LLM runs a model-download task per node at each replica start (a fresh worker
+    process that imports vLLM); bloomray's engine callback skips it for local model dirs."""
+    from ray.util.state import list_tasks
+
+    tasks = list_tasks(filters=[("func_or_class_name", "=", "initialize_remote_node")], detail=True)
+    assert tasks == [], tasks
+
+
 @pytest.mark.parametrize("model", ["tiny", "compact"])
 def test_concurrent_mixed_requests_match_transformers_greedy(server, model_dirs, model):
     """Greedy requests batched with sampled ones (other temperatures, top_p, seeds, stops)

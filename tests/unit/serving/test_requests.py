@@ -137,6 +137,28 @@ def test_cpu_engine_gets_its_cores_threads_and_one_process_engine_class(tmp_path
     )
     env = app._bound_deployment.ray_actor_options["runtime_env"]["env_vars"]
     assert env["OMP_NUM_THREADS"] == "3" and env["VLLM_CPU_OMP_THREADS_BIND"] == "0-2"
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE"  # no spinning on cores shared with Serve's processes
     assert {k: env[k] for k in ENGINE_CLS_ENV} == ENGINE_CLS_ENV
     module, cls = ENGINE_CLS_ENV["RAYLLM_VLLM_ENGINE_CLS"].split(":")
     assert getattr(importlib.import_module(module), cls).__name__ == cls  # the path imports
+
+
+@pytest.mark.parametrize("local", [True, False])
+def test_engine_callback_skips_node_init_only_for_a_local_dir(tmp_path, local):
+    """The deployments' Ray Serve LLM callback: a local model dir runs no download task per
+    node at replica start; a hub name (or a path that does not exist here) keeps it."""
+    import asyncio
+
+    from ray.serve.llm import LLMConfig
+
+    from bloomray.serving.engines import ENGINE_CALLBACK
+
+    source = str(tmp_path) if local else "bigscience/bloom-560m"
+    config = LLMConfig(
+        model_loading_config={"model_id": "m", "model_source": source},
+        callback_config={"callback_class": ENGINE_CALLBACK},
+    )
+    callback = config.get_or_create_callback()
+    assert type(callback).__name__ == ENGINE_CALLBACK.split(":")[1]
+    asyncio.run(callback.run_callback("on_before_node_init"))
+    assert callback.ctx.run_init_node is (not local)
