@@ -49,10 +49,12 @@ from vllm.sequence import IntermediateTensors
 from bloomray.model.compact import SPEC_KEY
 
 _LAYER = re.compile(r"^transformer\.h\.(\d+)\.")
-# BLOOM's GELU is the tanh approximation (transformers' bloom_gelu_forward, Megatron's bias_gelu);
-# vLLM's "gelu_fast" computes the same formula. Exact (erf) GELU differs by up to ~1e-3, enough to
-# flip greedy tokens at near ties.
-BLOOM_GELU = "gelu_fast"
+# BLOOM's GELU is the tanh approximation (transformers' bloom_gelu_forward, Megatron's bias_gelu).
+# Exact (erf) GELU differs by up to ~1e-3, enough to flip greedy tokens at near ties. vLLM's
+# "gelu_pytorch_tanh" is torch's fused GELU(approximate="tanh"), the same formula; its
+# "gelu_fast" too, but on x86 CPUs that runs as six elementwise torch ops: 16% of a decode
+# step's time at hidden 768 (py-spy of the engine core, 64 streams).
+BLOOM_GELU = "gelu_pytorch_tanh"
 
 
 def alibi_slopes(n_head: int) -> list[float]:
