@@ -159,9 +159,11 @@ def test_each_engine_runs_its_model_in_its_engine_core(server):
 def test_local_model_dirs_start_no_node_init_task(server):
     """Ray Serve LLM runs a model-download task per node at each replica start (a fresh worker
     process that imports vLLM); bloomray's engine callback skips it for local model dirs."""
+    import ray
     from ray.util.state import list_tasks
 
-    tasks = list_tasks(filters=[("func_or_class_name", "=", "initialize_remote_node")], detail=True)
+    api = f"http://{ray._private.worker.get_dashboard_url()}"  # this test Ray's (xdist: one per worker)
+    tasks = list_tasks(api, filters=[("func_or_class_name", "=", "initialize_remote_node")], detail=True)
     assert tasks == [], tasks
 
 
