@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -500,11 +501,11 @@ async def _request_with_retries(
     raise AssertionError("unreachable")
 
 
-def _load(url: str, seconds: float, until=None, clients: int = 3) -> list[httpx.Response]:
+def _load(url: str, seconds: float, clients: int = 3) -> list[httpx.Response]:
     """Bounded concurrent load on loopback: ``clients`` loops, at most ``seconds`` long."""
 
     async def one(client, stop_at, out):
-        while time.time() < stop_at and not (until and until()):
+        while time.time() < stop_at:
             body = {"model": "tiny", "prompt": "Load", "max_tokens": 48, "ignore_eos": True}
             out.append(await _request_with_retries(client, f"{url}/v1/completions", body))
 
@@ -516,6 +517,19 @@ def _load(url: str, seconds: float, until=None, clients: int = 3) -> list[httpx.
         return out
 
     return asyncio.run(go())
+
+
+def _exited(pid: int, timeout_s: float) -> bool:
+    """True once ``pid`` is gone or a zombie (killed, its parent has not reaped it yet)."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.2)
+    return False
 
 
 @contextmanager
@@ -582,14 +596,15 @@ def test_autoscale_up_sigkill_a_replica_under_load_then_down(server, serve_confi
 
         victim = replica_pids(app, dep)[0]
 
-        def kill_soon() -> bool:
-            if psutil.pid_exists(victim) and time.time() > kill_soon.at:
-                os.kill(victim, signal.SIGKILL)
-            return False
-
-        kill_soon.at = time.time() + 2
-        responses = _load(url, seconds=10, until=kill_soon, clients=3)
-        assert not psutil.pid_exists(victim)
+        # The kill runs on a timer, not between requests: on a loaded box one request can outlast
+        # the whole load window, and a check between requests then never fires.
+        killer = threading.Timer(2, os.kill, (victim, signal.SIGKILL))
+        killer.start()
+        try:
+            responses = _load(url, seconds=10, clients=3)
+        finally:
+            killer.cancel()
+        assert _exited(victim, timeout_s=30), f"replica {victim} still runs after its SIGKILL"
         assert responses and all(r.status_code == 200 for r in responses), [r.status_code for r in responses]
 
         deadline = time.time() + 180
