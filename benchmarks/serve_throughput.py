@@ -70,6 +70,7 @@ from bloomray.data.tokenizer import train_tokenizer
 from bloomray.export.consolidate import compact_model
 from bloomray.model.build import build_from_config, count_parameters
 from bloomray.prune.masks import structured_masks, target_names
+from bloomray.serving.options import ServeOptions
 from bloomray.serving.run import DEFAULT_CONFIG, read_serve_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -766,6 +767,9 @@ def describe(
 ) -> list[str]:
     """The settings and check lines above the table."""
     import transformers
+
+    shipped = {**read_serve_config(DEFAULT_CONFIG)[1], **bloomray_overrides()}
+    stream_ms = shipped.get("stream_interval_ms", ServeOptions().stream_interval_ms)
     import vllm
 
     heads, neurons = models["kept_heads"], models["kept_neurons"]
@@ -790,9 +794,10 @@ def describe(
         "load; latency per request at the client; p99 of few samples is close to the max",
         "- TTFT / ITL: (b)-(d) stream (stream=true, logprobs=0 so each chunk names its tokens), timestamp per "
         "chunk: TTFT = first chunk with a token; ITL = gap to the previous chunk, split evenly over the chunk's "
-        "tokens; TPOT = (latency - TTFT) / (tokens - 1) per request; (c)/(d): Ray Serve LLM forwards stream chunks "
-        "in batches every 50 ms (RAYLLM_MODEL_RESPONSE_BATCH_TIMEOUT_MS default), so their ITL is bursty (near 0 "
-        "inside a batch, the batch interval between batches) and TPOT is the steadier per-token figure; "
+        "tokens; TPOT = (latency - TTFT) / (tokens - 1) per request; (c)/(d): the engine replica sends a "
+        f"stream's first chunk at once, then its chunks in batches every {stream_ms:g} ms (serve option "
+        "stream_interval_ms, shipped default), so their ITL is bursty (near 0 inside a batch, the interval "
+        "between batches) and TPOT is the steadier per-token figure; "
         "*(a) cannot stream: TTFT = its full latency, no ITL/TPOT",
         f"- (a): one uvicorn process, transformers {transformers.__version__} `model.generate`, sync `def` "
         f"endpoint (concurrent requests = concurrent generate calls in FastAPI's thread pool), "

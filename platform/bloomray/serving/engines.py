@@ -135,10 +135,12 @@ def llm_deployment(
     Args:
         meta: :func:`inspect_model_dir`'s answer; the head size is checked before any copy
             (dense expansion, int8) is written.
-        server_cls: an ``LLMServer`` subclass to deploy instead (the ingress that holds this
-            engine), bound with ``bind_kwargs`` and given ``env_vars`` too.
+        server_cls: an ``LLMServer`` subclass to deploy instead of ``EngineServer`` (the
+            ingress that holds this engine), bound with ``bind_kwargs`` and given ``env_vars`` too.
     """
     from ray.serve.llm import LLMConfig, build_llm_deployment
+
+    from bloomray.serving.streaming import EngineServer
 
     gpu = use_gpu(opts)
     head_size = meta["head_size"]
@@ -180,9 +182,13 @@ def llm_deployment(
         deployment_config=dict(opts.engine_deployment),
         log_engine_metrics=True,
         callback_config={"callback_class": ENGINE_CALLBACK},
+        experimental_configs={"stream_batching_interval_ms": opts.stream_interval_ms},
     )
     return build_llm_deployment(
-        config, name_prefix="LLMServer:", deployment_cls=server_cls, bind_kwargs=bind_kwargs
+        config,
+        name_prefix="LLMServer:",
+        deployment_cls=server_cls or EngineServer,
+        bind_kwargs=bind_kwargs,
     )
 
 

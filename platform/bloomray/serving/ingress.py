@@ -38,6 +38,7 @@ from bloomray.serving.schema import (
     ClassifyRequest,
     CompletionRequest,
 )
+from bloomray.serving.streaming import ChunkBatching
 
 INGRESS_OPTIONS = {"name": "BloomIngress", "max_ongoing_requests": 1000, "max_queued_requests": -1}
 
@@ -61,7 +62,7 @@ class LocalStream:
 
 
 @serve.ingress(api)
-class BloomServer(RequestChecks, LLMServer):
+class BloomServer(RequestChecks, ChunkBatching, LLMServer):
     """OpenAI-style routes over the in-replica engine and the other deployments (module docstring)."""
 
     # LLMServer's hook would replace these routes with vLLM's own app (its direct streaming).
@@ -234,8 +235,8 @@ class BloomServer(RequestChecks, LLMServer):
             try:
                 item: Any = first
                 while True:
-                    # The engine batches stream chunks (every 50 ms); one write per batch, since
-                    # every write is a message from this replica to the HTTP proxy.
+                    # The engine batches stream chunks (stream_interval_ms); one write per batch,
+                    # since every write is a message from this replica to the HTTP proxy.
                     chunks = item if isinstance(item, list) else [item]
                     count += len(chunks)
                     yield "".join(

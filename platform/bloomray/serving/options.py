@@ -33,6 +33,9 @@ class ServeOptions:
     cpus_per_engine: int = 2  # CPU engines: logical CPUs and OpenMP threads (cores 0..n-1)
     kv_cache_gib: float = 1.0  # CPU engines: KV cache size
     max_num_seqs: int = 64  # sequences one engine batches at once
+    # streams: the first chunk at once, then at most one message per this many ms (0: one per
+    # engine output); each message costs Serve's proxy and the replica CPU (serving/streaming.py)
+    stream_interval_ms: float = 100.0
     engine_deployment: dict[str, Any] = field(default_factory=dict)  # Serve options, every engine
     classifier_deployment: dict[str, Any] = field(default_factory=dict)  # Serve options, classifiers
 
@@ -62,6 +65,11 @@ class ServeOptions:
         if opts.dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ConfigError(
                 f"serve args: dtype must be auto, bfloat16, float16 or float32, not {opts.dtype!r}"
+            )
+        if opts.stream_interval_ms < 0:
+            raise ConfigError(
+                f"serve args: stream_interval_ms must be >= 0 (0 sends every engine output), "
+                f"not {opts.stream_interval_ms}"
             )
         for name in (
             "max_queue",

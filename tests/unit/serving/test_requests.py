@@ -66,6 +66,8 @@ def test_serve_options_name_unknown_keys_and_bad_values():
         ServeOptions.from_args({"max_context": 128, "max_tokens_limit": 128})
     with pytest.raises(ConfigError, match="device"):
         ServeOptions.from_args({"device": "tpu"})
+    with pytest.raises(ConfigError, match="stream_interval_ms must be >= 0"):
+        ServeOptions.from_args({"stream_interval_ms": -1})
     assert ServeOptions.from_args({"max_n": 2}).max_n == 2
 
 
@@ -139,6 +141,9 @@ def test_cpu_engine_gets_its_cores_threads_and_one_process_engine_class(tmp_path
     assert env["OMP_NUM_THREADS"] == "3" and env["VLLM_CPU_OMP_THREADS_BIND"] == "0-2"
     assert env["OMP_WAIT_POLICY"] == "PASSIVE"  # no spinning on cores shared with Serve's processes
     assert {k: env[k] for k in ENGINE_CLS_ENV} == ENGINE_CLS_ENV
+    config = app._bound_deployment.init_kwargs["llm_config"]
+    assert config.experimental_configs["stream_batching_interval_ms"] == 100.0  # the default option
+    assert app._bound_deployment.func_or_class.__name__ == "EngineServer"  # first chunk at once
     module, cls = ENGINE_CLS_ENV["RAYLLM_VLLM_ENGINE_CLS"].split(":")
     assert getattr(importlib.import_module(module), cls).__name__ == cls  # the path imports
 
