@@ -767,10 +767,10 @@ def describe(
 ) -> list[str]:
     """The settings and check lines above the table."""
     import transformers
+    import vllm
 
     shipped = {**read_serve_config(DEFAULT_CONFIG)[1], **bloomray_overrides()}
     stream_ms = shipped.get("stream_interval_ms", ServeOptions().stream_interval_ms)
-    import vllm
 
     heads, neurons = models["kept_heads"], models["kept_neurons"]
     lens = models["prompt_tokens"]

@@ -12,7 +12,7 @@ import pytest
 from ray.serve.llm import LLMServer
 
 from bloomray.serving.ingress import BloomServer, LocalStream
-from bloomray.serving.streaming import EngineServer, first_then_every
+from bloomray.serving.streaming import ChunkBatching, EngineServer, first_then_every
 
 
 def _engine(state: dict, tokens: int | None = None, pause: bool = False):
@@ -136,5 +136,5 @@ def test_every_engine_deployment_batches_with_the_replacement_hook():
     """Ray Serve LLM calls _batch_output_stream for stream=true (the hook the mixin replaces);
     the HTTP ingress and the other engines' deployments both carry it."""
     assert "self._batch_output_stream(" in inspect.getsource(LLMServer._run_request)
-    for cls in (BloomServer, EngineServer):
-        assert cls._batch_output_stream is EngineServer._batch_output_stream
+    for cls in (BloomServer, EngineServer):  # the mixin's, not LLMServer's (MRO order matters)
+        assert cls._batch_output_stream is ChunkBatching._batch_output_stream, cls.__mro__
